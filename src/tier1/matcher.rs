@@ -1,0 +1,478 @@
+//! The Tier 1 matcher: one Aho-Corasick automaton over every expanded
+//! pattern of every language, fed a conversation as it arrives.
+//!
+//! Shape and why:
+//!
+//! * **One automaton, one pass.** Rules and exclusions of all languages are
+//!   literals in one automaton (patients switch languages mid-sentence), and
+//!   each text is scanned once with overlapping matches, so a short pattern
+//!   inside a longer one is still seen.
+//! * **Whole words.** Patterns match only on word bounds of the normalized
+//!   text. The one exception is the joined form of a multi-word pattern
+//!   (`killmyself`, `wanttodie`), which matches anywhere inside a word: people
+//!   glue those together, and eight or more letters of crisis phrase do not
+//!   turn up inside benign words.
+//! * **Streaming.** Each conversation keeps a short window of the patient's
+//!   recent normalized words ([`StreamState`]), so a phrase split across two
+//!   utterances or two texts is found; only matches that reach into the new
+//!   text are reported, so nothing is reported twice.
+//! * **Partials.** A partial ASR hypothesis is matched against the window
+//!   without joining it, for the earliest warning. A match in a partial is
+//!   reported once at least one more word follows it (so that "I killed
+//!   myself…" can still become "…laughing"), and its final does not report
+//!   the same rule again.
+//! * **Only the patient.** Agent and clinician lines (the 988 script itself)
+//!   never trigger; they are left to Tier 2's context window.
+//! * **Exclusions, then context.** A rule match lying wholly inside an
+//!   exclusion match is dropped. Overlapping survivors form a phrase whose
+//!   surroundings may lower `escalate` to `review`, never to nothing.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use thiserror::Error;
+
+use super::context::{ContextKind, ContextRule};
+use super::normalize::{Normalizer, Vocabulary};
+use super::rules::{Action, Rule, RuleSet};
+use crate::domain::Speaker;
+
+/// Joined forms shorter than this stay whole-word only.
+const MIN_JOINED_LEN: usize = 8;
+/// Words of the patient's recent speech kept per conversation.
+const WINDOW_WORDS: usize = 16;
+/// Bytes of recent speech kept per conversation, whatever the word count.
+const WINDOW_BYTES: usize = 192;
+/// Rules remembered from partial hypotheses until the next final.
+const EARLY_SLOTS: usize = 8;
+
+/// Index of a rule in the matcher's [`RuleSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleIndex(pub u32);
+
+/// One rule's verdict on new text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detection {
+    pub rule: RuleIndex,
+    /// The action after context: never stronger than the rule's own.
+    pub action: Action,
+    /// Set when context lowered `escalate` to `review`.
+    pub lowered_by: Option<ContextKind>,
+    /// Found in a partial hypothesis, ahead of its final.
+    pub early: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error("too many rules or patterns for the automaton: {0}")]
+    TooLarge(String),
+    #[error("building the automaton failed: {0}")]
+    Automaton(#[from] aho_corasick::BuildError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Rule(u32),
+    Exclusion(u32),
+}
+
+#[derive(Debug, Clone)]
+struct PatternInfo {
+    targets: Vec<Target>,
+    whole_word: bool,
+}
+
+/// Per-conversation matching state: the patient's recent words and what
+/// partial hypotheses already reported. Well under 1 KiB.
+#[derive(Debug, Clone, Default)]
+pub struct StreamState {
+    window: String,
+    early: Vec<(RuleIndex, Action)>,
+}
+
+impl StreamState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes this state holds, inline and on the heap.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.window.capacity()
+            + self.early.capacity() * std::mem::size_of::<(RuleIndex, Action)>()
+    }
+}
+
+/// The compiled rule set. Immutable and `Sync`: share one across streams.
+#[derive(Debug)]
+pub struct Matcher {
+    ac: AhoCorasick,
+    patterns: Vec<PatternInfo>,
+    rules: RuleSet,
+    normalizer: Normalizer,
+    /// Context rules per rule language, indexed like `languages`.
+    context: Vec<Vec<ContextRule>>,
+    rule_language: Vec<u16>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+struct RawMatch {
+    start: usize,
+    end: usize,
+    target: Target,
+}
+
+impl Matcher {
+    pub fn new(rules: RuleSet) -> Result<Matcher, BuildError> {
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut strings: Vec<String> = Vec::new();
+        let mut patterns: Vec<PatternInfo> = Vec::new();
+        let mut add = |s: String, whole_word: bool, t: Target| {
+            let i = *index.entry(s.clone()).or_insert_with(|| {
+                strings.push(s);
+                patterns.push(PatternInfo {
+                    targets: Vec::new(),
+                    whole_word,
+                });
+                patterns.len() - 1
+            });
+            let p = &mut patterns[i];
+            p.whole_word &= whole_word;
+            if !p.targets.contains(&t) {
+                p.targets.push(t);
+            }
+        };
+        let too_large = |what: &str| BuildError::TooLarge(what.to_string());
+        for (i, r) in rules.rules.iter().enumerate() {
+            let t = Target::Rule(u32::try_from(i).map_err(|_| too_large("rules"))?);
+            for p in &r.patterns {
+                add(p.clone(), true, t);
+                if let Some(j) = joined_form(p) {
+                    add(j, false, t);
+                }
+            }
+        }
+        for (i, x) in rules.exclusions.iter().enumerate() {
+            let t = Target::Exclusion(u32::try_from(i).map_err(|_| too_large("exclusions"))?);
+            for p in &x.patterns {
+                add(p.clone(), true, t);
+                if let Some(j) = joined_form(p) {
+                    add(j, false, t);
+                }
+            }
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
+            .build(&strings)?;
+
+        let mut languages: Vec<String> = Vec::new();
+        let mut rule_language = Vec::with_capacity(rules.rules.len());
+        for r in &rules.rules {
+            let i = match languages.iter().position(|l| *l == r.language) {
+                Some(i) => i,
+                None => {
+                    languages.push(r.language.clone());
+                    languages.len() - 1
+                }
+            };
+            rule_language.push(u16::try_from(i).map_err(|_| too_large("languages"))?);
+        }
+        let context = languages
+            .iter()
+            .map(|l| rules.context.get(l).cloned().unwrap_or_default())
+            .collect();
+
+        let words: Vec<&str> = rules
+            .rules
+            .iter()
+            .flat_map(|r| r.patterns.iter())
+            .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
+            .flat_map(|p| p.split(' '))
+            .chain(rules.keep.iter().map(String::as_str))
+            .collect();
+        let vocabulary = Vocabulary::new(rules.repair.iter().map(String::as_str), words);
+        Ok(Matcher {
+            ac,
+            patterns,
+            normalizer: Normalizer::with_vocabulary(vocabulary),
+            rules,
+            context,
+            rule_language,
+        })
+    }
+
+    /// The shipped rules, compiled.
+    pub fn builtin() -> Result<Matcher, String> {
+        let rules = RuleSet::builtin().map_err(|es| {
+            es.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
+        Matcher::new(rules).map_err(|e| e.to_string())
+    }
+
+    pub fn rule(&self, i: RuleIndex) -> &Rule {
+        &self.rules.rules[i.0 as usize]
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    /// Number of literal patterns in the automaton.
+    pub fn pattern_count(&self) -> usize {
+        self.patterns.len()
+    }
+
+    /// Feeds one utterance or message. Returns what it newly detects, at
+    /// most one detection per rule, strongest first.
+    pub fn feed(
+        &self,
+        state: &mut StreamState,
+        speaker: Speaker,
+        text: &str,
+        is_final: bool,
+    ) -> Vec<Detection> {
+        if speaker != Speaker::Patient {
+            return Vec::new();
+        }
+        SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            buf.clear();
+            buf.push_str(&state.window);
+            let old = buf.len();
+            self.normalizer.normalize_into(text, &mut buf);
+            let mut found = if buf.len() > old {
+                self.scan(&buf, old, !is_final)
+            } else {
+                Vec::new()
+            };
+            // What a partial already reported is not reported again, by a
+            // later partial or by the final.
+            found.retain(|d| {
+                !state
+                    .early
+                    .iter()
+                    .any(|(r, a)| *r == d.rule && *a >= d.action)
+            });
+            if is_final {
+                state.early.clear();
+                keep_tail(&mut state.window, &buf);
+            } else {
+                for d in &mut found {
+                    d.early = true;
+                    if state.early.len() < EARLY_SLOTS {
+                        state.early.push((d.rule, d.action));
+                    }
+                }
+            }
+            found
+        })
+    }
+
+    /// Matches a whole text at once, with no stream state: what a single
+    /// final message from the patient would detect.
+    pub fn detect(&self, text: &str) -> Vec<Detection> {
+        self.feed(&mut StreamState::new(), Speaker::Patient, text, true)
+    }
+
+    /// Scans normalized `buf`, of which `buf[old..]` is new. In a partial,
+    /// a rule match must be followed by at least one more word.
+    fn scan(&self, buf: &str, old: usize, partial: bool) -> Vec<Detection> {
+        let bytes = buf.as_bytes();
+        let mut raw: Vec<RawMatch> = Vec::new();
+        for m in self.ac.find_overlapping_iter(buf) {
+            if m.end() <= old {
+                continue;
+            }
+            let info = &self.patterns[m.pattern().as_usize()];
+            if info.whole_word
+                && !((m.start() == 0 || bytes[m.start() - 1] == b' ')
+                    && (m.end() == bytes.len() || bytes[m.end()] == b' '))
+            {
+                continue;
+            }
+            for &target in &info.targets {
+                if partial && matches!(target, Target::Rule(_)) && !word_follows(bytes, m.end()) {
+                    continue;
+                }
+                raw.push(RawMatch {
+                    start: m.start(),
+                    end: m.end(),
+                    target,
+                });
+            }
+        }
+        if raw.is_empty() {
+            return Vec::new();
+        }
+        let excluded: Vec<(usize, usize)> = raw
+            .iter()
+            .filter(|m| matches!(m.target, Target::Exclusion(_)))
+            .map(|m| (m.start, m.end))
+            .collect();
+        let mut hits: Vec<(usize, usize, u32)> = raw
+            .iter()
+            .filter_map(|m| match m.target {
+                Target::Rule(r) => Some((m.start, m.end, r)),
+                Target::Exclusion(_) => None,
+            })
+            .filter(|(s, e, _)| !excluded.iter().any(|(xs, xe)| xs <= s && e <= xe))
+            .collect();
+        if hits.is_empty() {
+            return Vec::new();
+        }
+        hits.sort_unstable();
+
+        // Overlapping hits form one phrase; its surroundings are its context.
+        let mut found: Vec<Detection> = Vec::new();
+        let mut i = 0;
+        while i < hits.len() {
+            let (start, mut end) = (hits[i].0, hits[i].1);
+            let mut j = i + 1;
+            while j < hits.len() && hits[j].0 < end {
+                end = end.max(hits[j].1);
+                j += 1;
+            }
+            let cluster = &hits[i..j];
+            let needs_context = cluster
+                .iter()
+                .any(|h| self.rules.rules[h.2 as usize].action == Action::Escalate);
+            let mut lowered: Vec<(u16, Option<ContextKind>)> = Vec::new();
+            for &(_, _, r) in cluster {
+                let rule = &self.rules.rules[r as usize];
+                let mut action = rule.action;
+                let mut by = None;
+                if needs_context && action == Action::Escalate {
+                    let lang = self.rule_language[r as usize];
+                    by = match lowered.iter().find(|(l, _)| *l == lang) {
+                        Some((_, k)) => *k,
+                        None => {
+                            let k = self.context_of(lang, buf, start, end);
+                            lowered.push((lang, k));
+                            k
+                        }
+                    };
+                    if by.is_some() {
+                        action = Action::Review;
+                    }
+                }
+                let rule = RuleIndex(r);
+                match found.iter_mut().find(|d| d.rule == rule) {
+                    Some(d) if d.action < action => {
+                        d.action = action;
+                        d.lowered_by = by;
+                    }
+                    Some(_) => {}
+                    None => found.push(Detection {
+                        rule,
+                        action,
+                        lowered_by: by,
+                        early: false,
+                    }),
+                }
+            }
+            i = j;
+        }
+        found.sort_by(|a, b| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule)));
+        found
+    }
+
+    fn context_of(&self, lang: u16, buf: &str, start: usize, end: usize) -> Option<ContextKind> {
+        let rules = &self.context[usize::from(lang)];
+        if rules.is_empty() {
+            return None;
+        }
+        let before: Vec<&str> = buf[..start].split(' ').filter(|w| !w.is_empty()).collect();
+        let after: Vec<&str> = buf[end..].split(' ').filter(|w| !w.is_empty()).collect();
+        rules
+            .iter()
+            .find(|c| c.applies(&before, &after))
+            .map(|c| c.kind)
+    }
+}
+
+/// Whether a whole word follows byte `end` of `bytes`.
+fn word_follows(bytes: &[u8], end: usize) -> bool {
+    // The match may end inside a word (joined forms): the rest of that word
+    // does not count, a following word does.
+    let rest = &bytes[end..];
+    match rest.iter().position(|&b| b == b' ') {
+        Some(sp) => sp + 1 < rest.len(),
+        None => false,
+    }
+}
+
+/// The joined form of a multi-word pattern, if long enough to be safe
+/// inside a word.
+fn joined_form(p: &str) -> Option<String> {
+    if !p.contains(' ') || p.contains(':') {
+        return None;
+    }
+    let j: String = p.split(' ').collect();
+    (j.len() >= MIN_JOINED_LEN).then_some(j)
+}
+
+/// Keeps the last words of `buf` in `window`, bounded in words and bytes.
+fn keep_tail(window: &mut String, buf: &str) {
+    let (mut len, mut words) = (0, 0);
+    for w in buf.rsplit(' ') {
+        let add = w.len() + usize::from(words > 0);
+        if words == WINDOW_WORDS || len + add > WINDOW_BYTES {
+            break;
+        }
+        len += add;
+        words += 1;
+    }
+    // Normalized text is ASCII, so any byte offset is a char boundary. A
+    // single word longer than the window keeps its end.
+    let len = if words == 0 { buf.len().min(WINDOW_BYTES) } else { len };
+    let tail = &buf[buf.len() - len..];
+    if window.capacity() > 2 * WINDOW_BYTES {
+        *window = String::with_capacity(WINDOW_BYTES);
+    }
+    window.clear();
+    window.push_str(tail);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_is_bounded() {
+        let mut w = String::new();
+        let long: String = (0..100).map(|i| format!("w{i} ")).collect();
+        keep_tail(&mut w, long.trim_end());
+        assert!(w.split(' ').count() <= WINDOW_WORDS, "{w}");
+        assert!(w.ends_with("w99"));
+        keep_tail(&mut w, &"x".repeat(5000));
+        assert!(w.len() <= WINDOW_BYTES);
+        keep_tail(&mut w, "i want");
+        assert_eq!(w, "i want");
+    }
+
+    #[test]
+    fn word_follows_table() {
+        let cases: &[(&str, usize, bool)] = &[
+            ("kill myself", 11, false),
+            ("kill myself now", 11, true),
+            ("kill myself ", 11, false),
+            ("killmyselfnow", 10, false),
+            ("killmyselfnow ok", 10, true),
+        ];
+        for (s, end, want) in cases {
+            assert_eq!(word_follows(s.as_bytes(), *end), *want, "{s}");
+        }
+    }
+}

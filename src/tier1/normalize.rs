@@ -1,0 +1,596 @@
+//! Text normalization: the one function that both rule phrases and patient
+//! text pass through before they meet in the automaton.
+//!
+//! Matching is only as good as the agreement between how a rule is written
+//! and how a patient types or an ASR engine hears. Instead of teaching the
+//! automaton every spelling, every input is folded into a small canonical
+//! alphabet: lowercase ASCII letters, digits, single spaces between words, and
+//! `:name:` tokens for the emoji that carry risk. The steps, in order:
+//!
+//! 1. Unicode NFKC (fullwidth, ligatures, mathematical letters → ASCII).
+//! 2. Format characters (zero-width space/joiners, BOM, bidi controls,
+//!    variation selectors) are dropped, so they cannot split a word.
+//! 3. Case folding, diacritic folding (Spanish rules are written without
+//!    accents), and a short table of Cyrillic/Greek look-alikes.
+//! 4. Apostrophes of every kind are dropped (`i'm` → `im`); all other
+//!    punctuation, symbols and control characters become word breaks.
+//! 5. Inside a word, common digit/symbol substitutions are undone
+//!    (`k1ll`, `su1c1de`, `$elf`); numbers with units (`3pm`, `2nd`) are kept.
+//! 6. Speech fillers (`um`, `uh`, …) are dropped, runs of three or more single
+//!    letters are rejoined (`k i l l` → `kill`), and immediate word repeats are
+//!    collapsed (`i i want` → `i want`).
+//! 7. Near-misses of a closed crisis vocabulary are repaired by one edit
+//!    (`suicidel`, `myslef`, `kil`), never touching the first letter and never
+//!    rewriting a word the rules themselves use, so `ill` or `skill` stay put.
+//!
+//! Normalization is idempotent and never fails; the property tests in this
+//! module hold it to both.
+
+use std::collections::HashSet;
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::char::{decompose_canonical, is_combining_mark};
+
+/// Emoji that carry risk in a patient's words, and the token each becomes.
+/// Crisis Text Line found the pill emoji more predictive than the word
+/// "suicide"; the others name a method or death itself.
+pub const RISK_EMOJI: &[(char, &str)] = &[
+    ('\u{1F48A}', ":pill:"),      // 💊
+    ('\u{1F52B}', ":gun:"),       // 🔫
+    ('\u{1FAA2}', ":knot:"),      // 🪢
+    ('\u{26B0}', ":coffin:"),     // ⚰
+    ('\u{1FAA6}', ":headstone:"), // 🪦
+    ('\u{1F52A}', ":knife:"),     // 🔪
+];
+
+/// Speech-recognition fillers, dropped wherever they stand.
+const FILLERS: &[&str] = &[
+    "um", "umm", "ummm", "uh", "uhh", "uhhh", "uhm", "er", "erm", "err", "hmm", "hm", "mm", "mmm",
+    "ah", "ahh", "eh", "ehh", "em", "emm", "mhm",
+];
+
+/// Units that may follow a number without the digits being read as letters.
+const NUMBER_SUFFIXES: &[&str] = &[
+    "st", "nd", "rd", "th", "am", "pm", "s", "k", "m", "mg", "ml", "kg", "lb", "lbs", "x", "h",
+    "hr", "hrs", "min", "mins", "yo", "yr", "yrs", "ft", "in", "g", "mo",
+];
+
+/// The crisis vocabulary that one-edit typos are repaired to, and the words
+/// that must never be rewritten (every word a rule uses, plus any extras).
+#[derive(Debug, Clone, Default)]
+pub struct Vocabulary {
+    /// Repair targets, bucketed by first letter for a cheap pre-filter.
+    by_first: Vec<Vec<Box<str>>>,
+    /// Words that are already right and must not be rewritten.
+    known: HashSet<Box<str>>,
+}
+
+impl Vocabulary {
+    /// `repair`: canonical words typos are mapped to. `known`: words left as
+    /// they are even when one edit away from a repair target.
+    pub fn new<'a>(
+        repair: impl IntoIterator<Item = &'a str>,
+        known: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let mut by_first: Vec<Vec<Box<str>>> = vec![Vec::new(); 26];
+        let mut known_set: HashSet<Box<str>> = known.into_iter().map(Box::from).collect();
+        for w in repair {
+            let Some(&b) = w.as_bytes().first() else {
+                continue;
+            };
+            if !b.is_ascii_lowercase() || !w.bytes().all(|c| c.is_ascii_lowercase()) {
+                continue;
+            }
+            let bucket = &mut by_first[usize::from(b - b'a')];
+            if !bucket.iter().any(|x| &**x == w) {
+                bucket.push(Box::from(w));
+            }
+            known_set.insert(Box::from(w));
+        }
+        Vocabulary {
+            by_first,
+            known: known_set,
+        }
+    }
+
+    /// The repair target for `token`, if it is one edit from exactly the
+    /// vocabulary (first letter kept) and not itself a known word.
+    fn repair(&self, token: &str) -> Option<&str> {
+        let bytes = token.as_bytes();
+        if bytes.len() < 3 || !bytes.iter().all(u8::is_ascii_lowercase) {
+            return None;
+        }
+        let bucket = self.by_first.get(usize::from(bytes[0] - b'a'))?;
+        // A same-length candidate (a swapped or mistyped letter) beats one
+        // that needs a letter added or removed: `suicidel` is `suicidal`.
+        let mut found: Option<&str> = None;
+        for w in bucket {
+            let wb = w.as_bytes();
+            if wb.len().abs_diff(bytes.len()) > 1 || wb == bytes || !one_edit(bytes, wb) {
+                continue;
+            }
+            if found.is_none_or(|f| f.len() != bytes.len() && wb.len() == bytes.len()) {
+                found = Some(w);
+            }
+        }
+        let target = found?;
+        if self.known.contains(token) {
+            return None;
+        }
+        Some(target)
+    }
+}
+
+/// Whether `t` becomes `w` by one edit past the first letter: deleting or
+/// inserting a letter, swapping two neighbours, or (for words of six letters
+/// or more, where a substitution rarely lands on another real word)
+/// substituting one.
+fn one_edit(t: &[u8], w: &[u8]) -> bool {
+    let prefix = t.iter().zip(w).take_while(|(a, b)| a == b).count();
+    if prefix == 0 || prefix == t.len().min(w.len()) && t.len() == w.len() {
+        return false;
+    }
+    match t.len() as isize - w.len() as isize {
+        0 => {
+            // substitution or transposition at `prefix`
+            let i = prefix;
+            if i + 1 < t.len() && t[i] == w[i + 1] && t[i + 1] == w[i] && t[i + 2..] == w[i + 2..] {
+                return w.len() >= 4;
+            }
+            w.len() >= 6 && t[i + 1..] == w[i + 1..]
+        }
+        1 => w.len() >= 4 && t[prefix + 1..] == w[prefix..],
+        -1 => w.len() >= 4 && t[prefix..] == w[prefix + 1..],
+        _ => false,
+    }
+}
+
+/// The normalizer. Cheap to share: it holds only the vocabulary.
+#[derive(Debug, Clone, Default)]
+pub struct Normalizer {
+    vocabulary: Vocabulary,
+}
+
+impl Normalizer {
+    /// A normalizer without typo repair: what rule phrases are checked with.
+    pub fn basic() -> Self {
+        Normalizer::default()
+    }
+
+    pub fn with_vocabulary(vocabulary: Vocabulary) -> Self {
+        Normalizer { vocabulary }
+    }
+
+    pub fn normalize(&self, input: &str) -> String {
+        let mut out = String::with_capacity(input.len());
+        self.normalize_into(input, &mut out);
+        out
+    }
+
+    /// Appends the normalized form of `input` to `out`, separated from what
+    /// `out` already holds by one space. Allocates only for the scratch word.
+    pub fn normalize_into(&self, input: &str, out: &mut String) {
+        let mut em = Emitter {
+            vocab: &self.vocabulary,
+            out,
+            base: 0,
+            last: None,
+            run: String::new(),
+            tok: String::with_capacity(32),
+            last_colon: false,
+            tok_after_colon: false,
+        };
+        em.base = em.out.len();
+        if input.is_ascii() {
+            for &b in input.as_bytes() {
+                em.ascii(b);
+            }
+        } else {
+            for c in input.nfkc() {
+                em.char(c);
+            }
+        }
+        em.end_token();
+        em.flush_run();
+    }
+}
+
+/// Streams characters into tokens and tokens into the output.
+struct Emitter<'a> {
+    vocab: &'a Vocabulary,
+    out: &'a mut String,
+    /// Where this call's output begins in `out`.
+    base: usize,
+    /// Byte range in `out` of the last token written by this call.
+    last: Option<(usize, usize)>,
+    /// Pending run of single-letter tokens, letters only.
+    run: String,
+    /// The word being read.
+    tok: String,
+    /// The previous character was a `:`.
+    last_colon: bool,
+    /// The word being read began right after a `:` (a `:pill:` shortcode).
+    tok_after_colon: bool,
+}
+
+impl Emitter<'_> {
+    #[inline]
+    fn ascii(&mut self, b: u8) {
+        let colon = b == b':';
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'A'..=b'Z' => {
+                if self.tok.is_empty() {
+                    self.tok_after_colon = self.last_colon;
+                }
+                self.tok.push(b.to_ascii_lowercase() as char)
+            }
+            b':' => self.colon(),
+            b'\'' | b'`' => {}
+            b'@' | b'$' | b'!' | b'|' => {
+                // Only inside a word do these stand for letters.
+                if !self.tok.is_empty() {
+                    self.tok.push(b as char)
+                } else if b == b'$' || b == b'@' {
+                    self.tok.push(b as char)
+                }
+            }
+            _ => self.end_token(),
+        }
+        self.last_colon = colon;
+    }
+
+    /// `:pill:` and the like are the emoji's shortcodes (and the emoji's own
+    /// normalized form, which keeps normalization idempotent).
+    fn colon(&mut self) {
+        if self.tok_after_colon
+            && let Some(&(_, token)) = RISK_EMOJI
+                .iter()
+                .find(|(_, t)| t[1..t.len() - 1] == *self.tok)
+        {
+            self.tok.clear();
+            self.word(token);
+            return;
+        }
+        self.end_token();
+    }
+
+    fn char(&mut self, c: char) {
+        if c.is_ascii() {
+            self.ascii(c as u8);
+            return;
+        }
+        if let Some(&(_, token)) = RISK_EMOJI.iter().find(|(e, _)| *e == c) {
+            self.last_colon = false;
+            self.end_token();
+            self.word(token);
+            return;
+        }
+        if is_format(c) || is_apostrophe(c) {
+            return;
+        }
+        self.last_colon = false;
+        // Decompose to drop accents, then fold case and look-alikes.
+        decompose_canonical(c, |d| {
+            if !is_combining_mark(d) {
+                for l in d.to_lowercase() {
+                    self.folded(l);
+                }
+            }
+        });
+    }
+
+    fn folded(&mut self, c: char) {
+        if c.is_ascii() {
+            self.ascii(c as u8);
+            return;
+        }
+        if is_combining_mark(c) || is_format(c) {
+            return;
+        }
+        match confusable(c) {
+            Some(s) => {
+                for b in s.bytes() {
+                    self.ascii(b);
+                }
+            }
+            None => self.end_token(),
+        }
+    }
+
+    /// Finishes the word being read: strips stray symbols, undoes
+    /// substitutions, and hands it on.
+    fn end_token(&mut self) {
+        if self.tok.is_empty() {
+            return;
+        }
+        let mut tok = std::mem::take(&mut self.tok);
+        clean_word(&mut tok);
+        if !tok.is_empty() {
+            self.word_owned(&tok);
+        }
+        tok.clear();
+        self.tok = tok;
+    }
+
+    fn word_owned(&mut self, w: &str) {
+        if FILLERS.contains(&w) {
+            return;
+        }
+        if w.len() == 1 && w.as_bytes()[0].is_ascii_lowercase() {
+            self.run.push_str(w);
+            return;
+        }
+        self.flush_run();
+        self.commit(w);
+    }
+
+    /// A word that is already canonical (an emoji token).
+    fn word(&mut self, w: &str) {
+        self.flush_run();
+        self.commit(w);
+    }
+
+    fn flush_run(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        let run = std::mem::take(&mut self.run);
+        if run.len() >= 3 {
+            self.commit(&run);
+        } else {
+            for i in 0..run.len() {
+                self.commit(&run[i..i + 1]);
+            }
+        }
+        let mut run = run;
+        run.clear();
+        self.run = run;
+    }
+
+    fn commit(&mut self, w: &str) {
+        let w = self.vocab.repair(w).unwrap_or(w);
+        if let Some((s, e)) = self.last
+            && &self.out[s..e] == w
+        {
+            return;
+        }
+        if self.out.len() > self.base || (self.base > 0 && !self.out.ends_with(' ')) {
+            self.out.push(' ');
+        }
+        let s = self.out.len();
+        self.out.push_str(w);
+        self.last = Some((s, self.out.len()));
+    }
+}
+
+/// Turns a raw word of `[a-z0-9@$!|]` into `[a-z0-9]`: symbols at the edges
+/// go, and inside a word that has letters, digits and symbols that stand for
+/// letters become those letters unless the word is a number with a unit.
+fn clean_word(tok: &mut String) {
+    let is_sym = |b: u8| matches!(b, b'@' | b'$' | b'!' | b'|');
+    // `$` and `@` lead words in leetspeak ($elf, @ll); other symbols don't.
+    let start = tok
+        .bytes()
+        .position(|b| !is_sym(b) || ((b == b'$' || b == b'@') && tok.len() > 1))
+        .unwrap_or(tok.len());
+    let end = tok
+        .bytes()
+        .rposition(|b| !is_sym(b) || b == b'$')
+        .map_or(start, |i| i + 1)
+        .max(start);
+    let bytes = &tok.as_bytes()[start..end];
+    let has_letter = bytes.iter().any(u8::is_ascii_lowercase);
+    let has_other = bytes.iter().any(|b| !b.is_ascii_lowercase());
+    if !has_other {
+        if start > 0 || end < tok.len() {
+            *tok = tok[start..end].to_string();
+        }
+        return;
+    }
+    let mut cleaned = String::with_capacity(bytes.len());
+    if !has_letter || is_number_with_unit(bytes) {
+        cleaned.extend(bytes.iter().filter(|b| !is_sym(**b)).map(|&b| b as char));
+    } else {
+        for &b in bytes {
+            let c = match b {
+                b'0' => 'o',
+                b'1' | b'!' => 'i',
+                b'3' => 'e',
+                b'4' | b'@' => 'a',
+                b'5' | b'$' => 's',
+                b'7' => 't',
+                b'|' => 'l',
+                other => other as char,
+            };
+            cleaned.push(c);
+        }
+    }
+    *tok = cleaned;
+}
+
+fn is_number_with_unit(bytes: &[u8]) -> bool {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return false;
+    }
+    let rest = &bytes[digits..];
+    rest.iter().all(u8::is_ascii_lowercase) && NUMBER_SUFFIXES.iter().any(|s| s.as_bytes() == rest)
+}
+
+fn is_apostrophe(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2018}' | '\u{2019}' | '\u{201B}' | '\u{2032}' | '\u{02BC}' | '\u{02B9}' | '\u{00B4}'
+            | '\u{FF07}'
+    )
+}
+
+/// Unicode format characters (category Cf) and variation selectors: invisible,
+/// and used to split words so that a matcher misses them.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{0600}'..='\u{0605}' | '\u{061C}' | '\u{06DD}' | '\u{070F}'
+        | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}' | '\u{180B}'..='\u{180F}'
+        | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+        | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{110BD}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Letters from other scripts that pass for Latin ones, and Latin letters
+/// that have no canonical decomposition.
+fn confusable(c: char) -> Option<&'static str> {
+    Some(match c {
+        'а' | 'α' | 'ɑ' => "a",
+        'в' | 'β' => "b",
+        'с' | 'ϲ' => "c",
+        'ԁ' | 'đ' | 'ð' => "d",
+        'е' | 'ε' | 'є' => "e",
+        'ɡ' => "g",
+        'һ' | 'ħ' => "h",
+        'і' | 'ı' | 'ι' | 'ї' => "i",
+        'ј' => "j",
+        'к' | 'κ' => "k",
+        'ӏ' | 'ł' => "l",
+        'м' => "m",
+        'п' | 'η' => "n",
+        'о' | 'ο' | 'ø' | 'σ' => "o",
+        'р' | 'ρ' => "p",
+        'ԛ' => "q",
+        'г' => "r",
+        'ѕ' => "s",
+        'т' | 'τ' | 'ŧ' => "t",
+        'υ' => "u",
+        'ν' => "v",
+        'ԝ' | 'ω' => "w",
+        'х' | 'χ' => "x",
+        'у' | 'γ' => "y",
+        'ß' => "ss",
+        'æ' => "ae",
+        'œ' => "oe",
+        _ => return None,
+    })
+}
+
+/// Whether `s` is in the normalizer's output alphabet: words of `[a-z0-9]`
+/// or emoji tokens, separated by single spaces, no space at either end.
+pub fn is_normal_form(s: &str) -> bool {
+    if s.is_empty() {
+        return true;
+    }
+    s.split(' ').all(|w| {
+        !w.is_empty()
+            && (w.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                || RISK_EMOJI.iter().any(|(_, t)| *t == w))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn crisis_vocab() -> Normalizer {
+        Normalizer::with_vocabulary(Vocabulary::new(
+            ["suicide", "suicidal", "myself", "kill", "killing", "overdose"],
+            ["ill", "skill", "kills", "suicida", "suicidas"],
+        ))
+    }
+
+    #[test]
+    fn table() {
+        let n = crisis_vocab();
+        let cases: &[(&str, &str)] = &[
+            ("I'M GOING TO KILL MYSELF", "im going to kill myself"),
+            ("I’ve been thinking", "ive been thinking"),
+            ("i  want \t to   die", "i want to die"),
+            ("i want to kill myself...", "i want to kill myself"),
+            ("i want to die\u{200B}", "i want to die"),
+            ("i want to d\u{200B}ie", "i want to die"),
+            ("ｉ ｗａｎｔ ｔｏ ｄｉｅ", "i want to die"),
+            ("i want to d1e", "i want to die"),
+            ("k1ll mys3lf", "kill myself"),
+            ("su1c1d@l", "suicidal"),
+            ("$elf harm", "self harm"),
+            ("meet at 3pm on the 2nd", "meet at 3pm on the 2nd"),
+            ("call 988", "call 988"),
+            ("i feel suicidel", "i feel suicidal"),
+            ("myslef", "myself"),
+            ("kil myself", "kill myself"),
+            ("im ill", "im ill"),
+            ("lack the skill", "lack the skill"),
+            ("pensamientos suicidas", "pensamientos suicidas"),
+            ("i um i want to uh die", "i want to die"),
+            ("im im gonna end it", "im gonna end it"),
+            ("k i l l myself", "kill myself"),
+            ("k.m.s", "kms"),
+            ("i a m", "iam"),
+            ("qu\u{00E9} m\u{00E1}s", "que mas"),
+            ("ma\u{00F1}ana", "manana"),
+            ("quiero morir", "quiero morir"),
+            ("kіll mysеlf", "kill myself"), // Cyrillic і and е
+            ("pills\u{1F48A}\u{1F48A}", "pills :pill:"),
+            ("\u{26B0}\u{FE0F}", ":coffin:"),
+            ("", ""),
+            ("!!!", ""),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&n.normalize(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn appends_with_one_space() {
+        let n = Normalizer::basic();
+        let mut out = String::from("i want");
+        n.normalize_into("To die", &mut out);
+        assert_eq!(out, "i want to die");
+        let mut out = String::from("i want");
+        n.normalize_into("...", &mut out);
+        assert_eq!(out, "i want");
+    }
+
+    #[test]
+    fn one_edit_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("kil", "kill", true),
+            ("kiill", "kill", true),
+            ("ill", "kill", false),
+            ("skill", "kill", false),
+            ("will", "kill", false),
+            ("myslef", "myself", true),
+            ("suicidel", "suicidal", true),
+            ("sucidal", "suicidal", true),
+            ("suicidle", "suicide", true),
+            ("kilt", "kill", false),
+        ];
+        for (t, w, want) in cases {
+            assert_eq!(one_edit(t.as_bytes(), w.as_bytes()), *want, "{t} → {w}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn never_panics_and_is_normal(s in "\\PC*") {
+            let out = crisis_vocab().normalize(&s);
+            prop_assert!(is_normal_form(&out), "{out:?}");
+        }
+
+        #[test]
+        fn idempotent(s in "\\PC*") {
+            let n = crisis_vocab();
+            let once = n.normalize(&s);
+            prop_assert_eq!(n.normalize(&once), once);
+        }
+
+        #[test]
+        fn idempotent_on_texty_input(s in "[a-zA-Z0-9 '@$!|.,:\u{200B}\u{2019}]{0,40}") {
+            let n = crisis_vocab();
+            let once = n.normalize(&s);
+            prop_assert!(is_normal_form(&once), "{once:?}");
+            prop_assert_eq!(n.normalize(&once), once);
+        }
+    }
+}
