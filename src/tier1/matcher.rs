@@ -28,7 +28,7 @@
 //!   surroundings may lower `escalate` to `review`, never to nothing.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use thiserror::Error;
@@ -114,6 +114,37 @@ pub struct Matcher {
     /// Context rules per rule language, indexed like `languages`.
     context: Vec<Vec<ContextRule>>,
     rule_language: Vec<u16>,
+    /// Required prefixes per rule, if any.
+    prefixes: Vec<Option<Prefixes>>,
+}
+
+/// The set of word sequences one of which must end right before a match.
+#[derive(Debug)]
+struct Prefixes {
+    set: HashSet<Box<str>>,
+    max_words: usize,
+}
+
+impl Prefixes {
+    /// Where the longest prefix ending at byte `start` of `buf` begins.
+    fn start_before(&self, buf: &str, start: usize) -> Option<usize> {
+        let head = buf[..start].strip_suffix(' ')?;
+        let mut best = None;
+        let mut words = 0;
+        let mut i = head.len();
+        while words < self.max_words {
+            let from = head[..i].rfind(' ').map_or(0, |sp| sp + 1);
+            words += 1;
+            if self.set.contains(&head[from..]) {
+                best = Some(from);
+            }
+            if from == 0 {
+                break;
+            }
+            i = from - 1;
+        }
+        best
+    }
 }
 
 thread_local! {
@@ -149,9 +180,12 @@ impl Matcher {
         let too_large = |what: &str| BuildError::TooLarge(what.to_string());
         for (i, r) in rules.rules.iter().enumerate() {
             let t = Target::Rule(u32::try_from(i).map_err(|_| too_large("rules"))?);
+            // Joined forms only where they matter: unambiguous phrases typed
+            // as one word. Each one is another literal in the automaton.
+            let joined = r.action == Action::Escalate && r.prefixes.is_empty();
             for p in &r.patterns {
                 add(p.clone(), true, t);
-                if let Some(j) = joined_form(p) {
+                if joined && let Some(j) = joined_form(p) {
                     add(j, false, t);
                 }
             }
@@ -160,9 +194,6 @@ impl Matcher {
             let t = Target::Exclusion(u32::try_from(i).map_err(|_| too_large("exclusions"))?);
             for p in &x.patterns {
                 add(p.clone(), true, t);
-                if let Some(j) = joined_form(p) {
-                    add(j, false, t);
-                }
             }
         }
         let ac = AhoCorasick::builder()
@@ -187,10 +218,20 @@ impl Matcher {
             .map(|l| rules.context.get(l).cloned().unwrap_or_default())
             .collect();
 
+        let prefixes = rules
+            .rules
+            .iter()
+            .map(|r| {
+                (!r.prefixes.is_empty()).then(|| Prefixes {
+                    set: r.prefixes.iter().map(|p| Box::from(p.as_str())).collect(),
+                    max_words: r.prefixes.iter().map(|p| p.split(' ').count()).max().unwrap_or(0),
+                })
+            })
+            .collect();
         let words: Vec<&str> = rules
             .rules
             .iter()
-            .flat_map(|r| r.patterns.iter())
+            .flat_map(|r| r.patterns.iter().chain(&r.prefixes))
             .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
             .flat_map(|p| p.split(' '))
             .chain(rules.keep.iter().map(String::as_str))
@@ -203,6 +244,7 @@ impl Matcher {
             rules,
             context,
             rule_language,
+            prefixes,
         })
     }
 
@@ -321,6 +363,8 @@ impl Matcher {
             .filter(|m| matches!(m.target, Target::Exclusion(_)))
             .map(|m| (m.start, m.end))
             .collect();
+        // (phrase start including any prefix, end, rule); exclusions are
+        // judged on the matched words alone.
         let mut hits: Vec<(usize, usize, u32)> = raw
             .iter()
             .filter_map(|m| match m.target {
@@ -328,6 +372,10 @@ impl Matcher {
                 Target::Exclusion(_) => None,
             })
             .filter(|(s, e, _)| !excluded.iter().any(|(xs, xe)| xs <= s && e <= xe))
+            .filter_map(|(s, e, r)| match &self.prefixes[r as usize] {
+                None => Some((s, e, r)),
+                Some(p) => p.start_before(buf, s).map(|ps| (ps, e, r)),
+            })
             .collect();
         if hits.is_empty() {
             return Vec::new();

@@ -14,7 +14,7 @@
 use thiserror::Error;
 
 /// Most patterns one phrase may expand to.
-pub const MAX_EXPANSIONS: usize = 4096;
+pub const MAX_EXPANSIONS: usize = 20_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PhraseError {

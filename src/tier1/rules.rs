@@ -96,6 +96,11 @@ pub struct Rule {
     pub action: Action,
     /// Expanded, normalized patterns, words separated by single spaces.
     pub patterns: Vec<String>,
+    /// When not empty, a match counts only if one of these ends right
+    /// before it ("want to" before "die"). Prefixes are checked on a match,
+    /// not compiled into the automaton, which keeps the automaton small
+    /// however many ways there are to say "I intend to".
+    pub prefixes: Vec<String>,
 }
 
 /// Benign idioms: a rule match lying wholly inside one is dropped.
@@ -255,6 +260,8 @@ struct RuleDef {
     category: Category,
     action: Action,
     phrases: Vec<String>,
+    #[serde(default)]
+    prefix: Vec<String>,
     #[serde(default)]
     #[allow(dead_code)] // for the reader of the file
     note: Option<String>,
@@ -491,6 +498,14 @@ impl Builder {
             }
             let mut seen = HashSet::new();
             patterns.retain(|p| seen.insert(p.clone()));
+            let mut prefixes = Vec::new();
+            for ph in &r.prefix {
+                if let Some(ps) = self.patterns(file, &r.id, ph) {
+                    prefixes.extend(ps);
+                }
+            }
+            let mut seen = HashSet::new();
+            prefixes.retain(|p| seen.insert(p.clone()));
             self.rule_files.push(file.to_string());
             self.set.rules.push(Rule {
                 id: r.id,
@@ -498,6 +513,7 @@ impl Builder {
                 category: r.category,
                 action: r.action,
                 patterns,
+                prefixes,
             });
         }
     }
@@ -561,7 +577,9 @@ impl Builder {
                 ok = false;
                 continue;
             }
-            if normalized != written {
+            // Expansion can put a word next to itself ("my my insurance"); the
+            // input side collapses such repeats, so the pattern does too.
+            if normalized != written && normalized != collapse_repeats(&written) {
                 self.errors.push(RuleError::NotNormal {
                     file: file.to_string(),
                     rule: rule.to_string(),
@@ -597,7 +615,7 @@ impl Builder {
             .set
             .rules
             .iter()
-            .flat_map(|r| r.patterns.iter().flat_map(|p| p.split(' ')))
+            .flat_map(|r| r.patterns.iter().chain(&r.prefixes).flat_map(|p| p.split(' ')))
             .collect();
         for w in &self.set.repair {
             if !words.contains(w.as_str()) {
@@ -606,12 +624,17 @@ impl Builder {
                 )));
             }
         }
+        let rule_patterns: HashSet<&str> = self
+            .set
+            .rules
+            .iter()
+            .flat_map(|r| r.patterns.iter().map(String::as_str))
+            .collect();
         for x in &self.set.exclusions {
             let useful = x.patterns.iter().any(|xp| {
-                self.set.rules.iter().any(|r| {
-                    r.patterns
-                        .iter()
-                        .any(|rp| contains_words(xp, rp) || contains_words(&joined(xp), rp))
+                let words: Vec<&str> = xp.split(' ').collect();
+                (0..words.len()).any(|i| {
+                    (i + 1..=words.len()).any(|j| rule_patterns.contains(words[i..j].join(" ").as_str()))
                 })
             });
             if !useful {
@@ -681,16 +704,16 @@ fn emoji_token(w: &str) -> Option<&'static str> {
     RISK_EMOJI.iter().find(|(e, _)| *e == c).map(|(_, t)| *t)
 }
 
-fn joined(p: &str) -> String {
-    p.replace(' ', "")
+fn collapse_repeats(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for w in p.split(' ') {
+        if out.last() != Some(&w) {
+            out.push(w);
+        }
+    }
+    out.join(" ")
 }
 
-/// Whether the word sequence `inner` occurs within `outer` on word bounds.
-pub(crate) fn contains_words(outer: &str, inner: &str) -> bool {
-    let o = format!(" {outer} ");
-    let i = format!(" {inner} ");
-    o.contains(&i)
-}
 
 #[cfg(test)]
 mod tests {
