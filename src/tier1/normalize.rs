@@ -31,6 +31,9 @@ use std::collections::HashSet;
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
+/// Tokens of history kept while normalizing one text.
+const HIST: usize = 4;
+
 /// Emoji that carry risk in a patient's words, and the token each becomes.
 /// Crisis Text Line found the pill emoji more predictive than the word
 /// "suicide"; the others name a method or death itself.
@@ -43,9 +46,10 @@ pub const RISK_EMOJI: &[(char, &str)] = &[
     ('\u{1F52A}', ":knife:"),     // 🔪
 ];
 
-/// Speech-recognition fillers, dropped wherever they stand.
+/// Speech-recognition fillers, dropped wherever they stand. Not "er": in
+/// this domain that is the emergency room.
 const FILLERS: &[&str] = &[
-    "um", "umm", "ummm", "uh", "uhh", "uhhh", "uhm", "er", "erm", "err", "hmm", "hm", "mm", "mmm",
+    "um", "umm", "ummm", "uh", "uhh", "uhhh", "uhm", "erm", "hmm", "hm", "mm", "mmm",
     "ah", "ahh", "eh", "ehh", "em", "emm", "mhm",
 ];
 
@@ -91,6 +95,23 @@ impl Vocabulary {
             by_first,
             known: known_set,
         }
+    }
+
+    /// Whether `a` followed by `b` spells a repair target (a split word).
+    fn is_target_pair(&self, a: &str, b: &str) -> bool {
+        let Some(&first) = a.as_bytes().first() else {
+            return false;
+        };
+        if !first.is_ascii_lowercase() {
+            return false;
+        }
+        self.by_first
+            .get(usize::from(first - b'a'))
+            .is_some_and(|bucket| {
+                bucket.iter().any(|w| {
+                    w.len() == a.len() + b.len() && w.starts_with(a) && w.ends_with(b)
+                })
+            })
     }
 
     /// The repair target for `token`, if it is one edit from exactly the
@@ -174,7 +195,8 @@ impl Normalizer {
             vocab: &self.vocabulary,
             out,
             base: 0,
-            last: None,
+            hist: [(0, 0); HIST],
+            hist_len: 0,
             run: String::new(),
             tok: String::with_capacity(32),
             last_colon: false,
@@ -201,8 +223,10 @@ struct Emitter<'a> {
     out: &'a mut String,
     /// Where this call's output begins in `out`.
     base: usize,
-    /// Byte range in `out` of the last token written by this call.
-    last: Option<(usize, usize)>,
+    /// Byte ranges in `out` of the last few tokens written by this call,
+    /// oldest first; enough to undo split words and repeated pairs.
+    hist: [(usize, usize); HIST],
+    hist_len: usize,
     /// Pending run of single-letter tokens, letters only.
     run: String,
     /// The word being read.
@@ -349,17 +373,73 @@ impl Emitter<'_> {
 
     fn commit(&mut self, w: &str) {
         let w = self.vocab.repair(w).unwrap_or(w);
-        if let Some((s, e)) = self.last
-            && &self.out[s..e] == w
-        {
-            return;
-        }
-        if self.out.len() > self.base || (self.base > 0 && !self.out.ends_with(' ')) {
+        if self.hist_len > 0 || (self.base > 0 && !self.out.ends_with(' ')) {
             self.out.push(' ');
         }
         let s = self.out.len();
         self.out.push_str(w);
-        self.last = Some((s, self.out.len()));
+        self.push_hist((s, self.out.len()));
+        while self.merge_split_word() || self.collapse_repeat(1) || self.collapse_repeat(2) {}
+    }
+
+    fn push_hist(&mut self, r: (usize, usize)) {
+        if self.hist_len == HIST {
+            self.hist.copy_within(1.., 0);
+            self.hist_len -= 1;
+        }
+        self.hist[self.hist_len] = r;
+        self.hist_len += 1;
+    }
+
+    fn tok_at(&self, i: usize) -> &str {
+        let (s, e) = self.hist[i];
+        &self.out[s..e]
+    }
+
+    /// Drops the last token(s) from the output.
+    fn pop(&mut self, n: usize) {
+        self.hist_len -= n;
+        let end = if self.hist_len == 0 {
+            // Back to where this call began, minus the separator it added.
+            let (s, _) = self.hist[0];
+            s.saturating_sub(1).max(self.base)
+        } else {
+            self.hist[self.hist_len - 1].1
+        };
+        self.out.truncate(end);
+    }
+
+    /// `sui cide` → `suicide`, `my self` → `myself`: two words that together
+    /// are a crisis vocabulary word become that word.
+    fn merge_split_word(&mut self) -> bool {
+        if self.hist_len < 2 {
+            return false;
+        }
+        let (a, b) = (self.tok_at(self.hist_len - 2), self.tok_at(self.hist_len - 1));
+        if !self.vocab.is_target_pair(a, b) {
+            return false;
+        }
+        let (s, _) = self.hist[self.hist_len - 2];
+        let (bs, be) = self.hist[self.hist_len - 1];
+        // Remove the space between the two words.
+        self.out.replace_range(bs - 1..bs, "");
+        self.hist_len -= 1;
+        self.hist[self.hist_len - 1] = (s, be - 1);
+        true
+    }
+
+    /// Collapses an immediate repeat of the last `n` words: `i i` → `i`,
+    /// `all the all the` → `all the`.
+    fn collapse_repeat(&mut self, n: usize) -> bool {
+        if self.hist_len < 2 * n {
+            return false;
+        }
+        let l = self.hist_len;
+        if (0..n).all(|k| self.tok_at(l - n + k) == self.tok_at(l - 2 * n + k)) {
+            self.pop(n);
+            return true;
+        }
+        false
     }
 }
 
@@ -521,6 +601,10 @@ mod tests {
             ("lack the skill", "lack the skill"),
             ("pensamientos suicidas", "pensamientos suicidas"),
             ("i um i want to uh die", "i want to die"),
+            ("thinking about sui cide", "thinking about suicide"),
+            ("i want to kill my self", "i want to kill myself"),
+            ("take like all the all the pills", "take like all the pills"),
+            ("myself my self", "myself"),
             ("im im gonna end it", "im gonna end it"),
             ("k i l l myself", "kill myself"),
             ("k.m.s", "kms"),
