@@ -1,1 +1,128 @@
-fn main() {}
+//! Tier 1 throughput: rule loading, automaton build, typical utterances, and
+//! long texts, each including normalization. Run with `cargo bench --bench
+//! tier1`; the figures are recorded in BENCHMARKS.md.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use crisisd::domain::Speaker;
+use crisisd::tier1::{Matcher, RuleSet, StreamState};
+
+/// Patient utterances of 60-120 bytes, the size of one ASR final or one text,
+/// built from the corpora's patient lines. `risky_every`: one utterance in
+/// that many carries a line from an escalate or review case; the rest are
+/// benign (scheduling, therapy talk, idioms), as on a real line.
+fn utterances(risky_every: usize) -> Vec<String> {
+    let (mut benign, mut risky) = (Vec::new(), Vec::new());
+    for file in [
+        include_str!("../tests/data/sample.jsonl"),
+        include_str!("../tests/data/dev.jsonl"),
+    ] {
+        for line in file.lines() {
+            let Ok(c) = crisisd::corpus::parse_line(line) else {
+                continue;
+            };
+            for e in c.events.into_iter().filter(|e| e.speaker == Speaker::Patient) {
+                match c.label {
+                    Some(crisisd::corpus::Outcome::None) => benign.push(e.text),
+                    _ => risky.push(e.text),
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let (mut b, mut r) = (benign.iter().cycle(), risky.iter().cycle());
+    while out.len() < 2000 {
+        let mut cur = String::new();
+        if out.len() % risky_every == 0 {
+            cur.push_str(r.next().expect("risky lines"));
+        }
+        while cur.len() < 60 {
+            if !cur.is_empty() {
+                cur.push_str(". ");
+            }
+            cur.push_str(b.next().expect("benign lines"));
+        }
+        if cur.len() <= 120 {
+            out.push(cur);
+        }
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let rules = RuleSet::builtin().expect("shipped rules load");
+    let matcher = Matcher::new(rules.clone()).expect("automaton builds");
+
+    let mut g = c.benchmark_group("build");
+    g.sample_size(20);
+    g.bench_function("automaton", |b| {
+        b.iter_batched(
+            || rules.clone(),
+            |r| Matcher::new(r).expect("builds"),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("load_rules_and_automaton", |b| {
+        b.iter(|| Matcher::builtin().expect("builds"))
+    });
+    g.finish();
+
+    for (name, every) in [("typical_1_in_10_risky", 10), ("crisis_dense_every_one", 1)] {
+        let utts = utterances(every);
+        let bytes: usize = utts.iter().map(String::len).sum();
+        eprintln!(
+            "{name}: {} utterances, {:.0} bytes mean",
+            utts.len(),
+            bytes as f64 / utts.len() as f64
+        );
+        let mut g = c.benchmark_group(format!("utterances/{name}"));
+        g.throughput(Throughput::Elements(utts.len() as u64));
+        g.bench_function("stream_final", |b| {
+            b.iter(|| {
+                // A fresh conversation every 8 utterances, as on a busy line.
+                let mut n = 0;
+                for chunk in utts.chunks(8) {
+                    let mut st = StreamState::new();
+                    for u in chunk {
+                        n += matcher
+                            .feed(&mut st, Speaker::Patient, black_box(u), true)
+                            .len();
+                    }
+                }
+                n
+            })
+        });
+        g.bench_function("normalize_only", |b| {
+            let n = matcher.normalizer();
+            let mut out = String::new();
+            b.iter(|| {
+                for u in &utts {
+                    out.clear();
+                    n.normalize_into(black_box(u), &mut out);
+                }
+                out.len()
+            })
+        });
+        g.finish();
+    }
+
+    // One long text (a transcript of an hour or a pasted document).
+    let long: String = utterances(10)
+        .iter()
+        .cycle()
+        .take(20_000)
+        .map(|u| format!("{u}. "))
+        .collect();
+    let mut g = c.benchmark_group("long_text");
+    g.sample_size(20);
+    g.throughput(Throughput::Bytes(long.len() as u64));
+    g.bench_function("detect", |b| b.iter(|| matcher.detect(black_box(&long)).len()));
+    g.bench_function("normalize_only", |b| {
+        b.iter(|| matcher.normalizer().normalize(black_box(&long)).len())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

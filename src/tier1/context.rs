@@ -16,6 +16,9 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 
+/// The farthest a cue may stand from its phrase, in words.
+pub const MAX_REACH: usize = 12;
+
 /// Why a match was lowered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]

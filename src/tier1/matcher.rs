@@ -28,7 +28,9 @@
 //!   surroundings may lower `escalate` to `review`, never to nothing.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::FxHashSet;
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use thiserror::Error;
@@ -44,6 +46,14 @@ const MIN_JOINED_LEN: usize = 8;
 const WINDOW_WORDS: usize = 16;
 /// Bytes of recent speech kept per conversation, whatever the word count.
 const WINDOW_BYTES: usize = 192;
+/// Words on either side of a phrase that context cues are looked for in.
+const CONTEXT_WORDS: usize = super::context::MAX_REACH + 4;
+/// Filler words allowed between a rule's prefix and its phrase.
+const PREFIX_SKIP: usize = 2;
+/// Words that must follow a match in a partial hypothesis before it is
+/// reported: exclusions ("die my hair", "cut myself some slack") reach up
+/// to two words past the crisis words, and ASR revises homophones.
+const PARTIAL_LOOKAHEAD: usize = 2;
 /// Rules remembered from partial hypotheses until the next final.
 const EARLY_SLOTS: usize = 8;
 
@@ -116,19 +126,62 @@ pub struct Matcher {
     rule_language: Vec<u16>,
     /// Required prefixes per rule, if any.
     prefixes: Vec<Option<Prefixes>>,
+    prefix_skip: FxHashSet<Box<str>>,
+}
+
+#[derive(Default)]
+struct Literals<'a> {
+    index: HashMap<&'a str, usize>,
+    strings: Vec<&'a str>,
+    patterns: Vec<PatternInfo>,
+}
+
+impl<'a> Literals<'a> {
+    fn add(&mut self, s: &'a str, whole_word: bool, t: Target) {
+        let i = *self.index.entry(s).or_insert_with(|| {
+            self.strings.push(s);
+            self.patterns.push(PatternInfo {
+                targets: Vec::with_capacity(1),
+                whole_word,
+            });
+            self.patterns.len() - 1
+        });
+        let p = &mut self.patterns[i];
+        p.whole_word &= whole_word;
+        if !p.targets.contains(&t) {
+            p.targets.push(t);
+        }
+    }
 }
 
 /// The set of word sequences one of which must end right before a match.
 #[derive(Debug)]
 struct Prefixes {
-    set: HashSet<Box<str>>,
+    set: FxHashSet<Box<str>>,
     max_words: usize,
 }
 
 impl Prefixes {
     /// Where the longest prefix ending at byte `start` of `buf` begins.
-    fn start_before(&self, buf: &str, start: usize) -> Option<usize> {
-        let head = buf[..start].strip_suffix(' ')?;
+    /// Spoken filler such as "like" or "just" may stand between the prefix
+    /// and the phrase ("gonna like take all the pills"), up to two words.
+    fn start_before(&self, buf: &str, start: usize, skip: &FxHashSet<Box<str>>) -> Option<usize> {
+        let mut head = buf[..start].strip_suffix(' ')?;
+        for _ in 0..=PREFIX_SKIP {
+            if let Some(s) = self.longest_ending(head) {
+                return Some(s);
+            }
+            let from = head.rfind(' ').map_or(0, |sp| sp + 1);
+            if from == 0 || !skip.contains(&head[from..]) {
+                return None;
+            }
+            head = &head[..from - 1];
+        }
+        None
+    }
+
+    /// Where the longest prefix ending exactly at the end of `head` begins.
+    fn longest_ending(&self, head: &str) -> Option<usize> {
         let mut best = None;
         let mut words = 0;
         let mut i = head.len();
@@ -159,43 +212,40 @@ struct RawMatch {
 
 impl Matcher {
     pub fn new(rules: RuleSet) -> Result<Matcher, BuildError> {
-        let mut index: HashMap<String, usize> = HashMap::new();
-        let mut strings: Vec<String> = Vec::new();
-        let mut patterns: Vec<PatternInfo> = Vec::new();
-        let mut add = |s: String, whole_word: bool, t: Target| {
-            let i = *index.entry(s.clone()).or_insert_with(|| {
-                strings.push(s);
-                patterns.push(PatternInfo {
-                    targets: Vec::new(),
-                    whole_word,
-                });
-                patterns.len() - 1
-            });
-            let p = &mut patterns[i];
-            p.whole_word &= whole_word;
-            if !p.targets.contains(&t) {
-                p.targets.push(t);
-            }
-        };
         let too_large = |what: &str| BuildError::TooLarge(what.to_string());
+        // Joined forms only where they matter: unambiguous phrases typed as
+        // one word. Each is another literal in the automaton.
+        let joined: Vec<Vec<String>> = rules
+            .rules
+            .iter()
+            .map(|r| {
+                if r.action == Action::Escalate && r.prefixes.is_empty() {
+                    r.patterns.iter().filter_map(|p| joined_form(p)).collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        // Literals borrowed from the rule set; duplicates share one entry.
+        let mut lit = Literals::default();
         for (i, r) in rules.rules.iter().enumerate() {
             let t = Target::Rule(u32::try_from(i).map_err(|_| too_large("rules"))?);
-            // Joined forms only where they matter: unambiguous phrases typed
-            // as one word. Each one is another literal in the automaton.
-            let joined = r.action == Action::Escalate && r.prefixes.is_empty();
             for p in &r.patterns {
-                add(p.clone(), true, t);
-                if joined && let Some(j) = joined_form(p) {
-                    add(j, false, t);
-                }
+                lit.add(p, true, t);
+            }
+            for j in &joined[i] {
+                lit.add(j, false, t);
             }
         }
         for (i, x) in rules.exclusions.iter().enumerate() {
             let t = Target::Exclusion(u32::try_from(i).map_err(|_| too_large("exclusions"))?);
             for p in &x.patterns {
-                add(p.clone(), true, t);
+                lit.add(p, true, t);
             }
         }
+        let Literals {
+            strings, patterns, ..
+        } = lit;
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::Standard)
             .kind(Some(AhoCorasickKind::ContiguousNFA))
@@ -228,15 +278,21 @@ impl Matcher {
                 })
             })
             .collect();
-        let words: Vec<&str> = rules
-            .rules
+        let prefix_skip = rules
+            .prefix_skip
             .iter()
-            .flat_map(|r| r.patterns.iter().chain(&r.prefixes))
-            .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
-            .flat_map(|p| p.split(' '))
-            .chain(rules.keep.iter().map(String::as_str))
+            .map(|w| Box::from(w.as_str()))
             .collect();
-        let vocabulary = Vocabulary::new(rules.repair.iter().map(String::as_str), words);
+        let vocabulary = Vocabulary::new(
+            rules.repair.iter().map(String::as_str),
+            rules
+                .rules
+                .iter()
+                .flat_map(|r| r.patterns.iter().chain(&r.prefixes))
+                .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
+                .flat_map(|p| p.split(' '))
+                .chain(rules.keep.iter().map(String::as_str)),
+        );
         Ok(Matcher {
             ac,
             patterns,
@@ -245,6 +301,7 @@ impl Matcher {
             context,
             rule_language,
             prefixes,
+            prefix_skip,
         })
     }
 
@@ -292,8 +349,12 @@ impl Matcher {
             let mut buf = s.borrow_mut();
             buf.clear();
             buf.push_str(&state.window);
-            let old = buf.len();
+            let mut old = buf.len();
             self.normalizer.normalize_into(text, &mut buf);
+            // A word split across two fragments ("sui" | "cide") is one word.
+            if old > 0 && buf.len() > old {
+                old = self.normalizer.join_split_at(&mut buf, old + 1);
+            }
             let mut found = if buf.len() > old {
                 self.scan(&buf, old, !is_final)
             } else {
@@ -345,7 +406,10 @@ impl Matcher {
                 continue;
             }
             for &target in &info.targets {
-                if partial && matches!(target, Target::Rule(_)) && !word_follows(bytes, m.end()) {
+                if partial
+                    && matches!(target, Target::Rule(_))
+                    && !words_follow(bytes, m.end(), PARTIAL_LOOKAHEAD)
+                {
                     continue;
                 }
                 raw.push(RawMatch {
@@ -358,11 +422,11 @@ impl Matcher {
         if raw.is_empty() {
             return Vec::new();
         }
-        let excluded: Vec<(usize, usize)> = raw
-            .iter()
-            .filter(|m| matches!(m.target, Target::Exclusion(_)))
-            .map(|m| (m.start, m.end))
-            .collect();
+        let excluded = Excluded::new(
+            raw.iter()
+                .filter(|m| matches!(m.target, Target::Exclusion(_)))
+                .map(|m| (m.start, m.end)),
+        );
         // (phrase start including any prefix, end, rule); exclusions are
         // judged on the matched words alone.
         let mut hits: Vec<(usize, usize, u32)> = raw
@@ -371,10 +435,10 @@ impl Matcher {
                 Target::Rule(r) => Some((m.start, m.end, r)),
                 Target::Exclusion(_) => None,
             })
-            .filter(|(s, e, _)| !excluded.iter().any(|(xs, xe)| xs <= s && e <= xe))
+            .filter(|(s, e, _)| !excluded.contains(*s, *e))
             .filter_map(|(s, e, r)| match &self.prefixes[r as usize] {
                 None => Some((s, e, r)),
-                Some(p) => p.start_before(buf, s).map(|ps| (ps, e, r)),
+                Some(p) => p.start_before(buf, s, &self.prefix_skip).map(|ps| (ps, e, r)),
             })
             .collect();
         if hits.is_empty() {
@@ -441,8 +505,18 @@ impl Matcher {
         if rules.is_empty() {
             return None;
         }
-        let before: Vec<&str> = buf[..start].split(' ').filter(|w| !w.is_empty()).collect();
-        let after: Vec<&str> = buf[end..].split(' ').filter(|w| !w.is_empty()).collect();
+        // Context reaches a few words at most; never split a long text whole.
+        let mut before: Vec<&str> = buf[..start]
+            .rsplit(' ')
+            .filter(|w| !w.is_empty())
+            .take(CONTEXT_WORDS)
+            .collect();
+        before.reverse();
+        let after: Vec<&str> = buf[end..]
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .take(CONTEXT_WORDS)
+            .collect();
         rules
             .iter()
             .find(|c| c.applies(&before, &after))
@@ -450,15 +524,44 @@ impl Matcher {
     }
 }
 
-/// Whether a whole word follows byte `end` of `bytes`.
-fn word_follows(bytes: &[u8], end: usize) -> bool {
-    // The match may end inside a word (joined forms): the rest of that word
-    // does not count, a following word does.
-    let rest = &bytes[end..];
-    match rest.iter().position(|&b| b == b' ') {
-        Some(sp) => sp + 1 < rest.len(),
-        None => false,
+/// Exclusion spans, answering "does one contain [s, e)?" in log time, so a
+/// long text full of idioms stays linear.
+struct Excluded {
+    /// (end, start) sorted by end, with the smallest start from each index on.
+    spans: Vec<(usize, usize)>,
+    min_start_from: Vec<usize>,
+}
+
+impl Excluded {
+    fn new(spans: impl Iterator<Item = (usize, usize)>) -> Self {
+        let mut spans: Vec<(usize, usize)> = spans.map(|(s, e)| (e, s)).collect();
+        spans.sort_unstable();
+        let mut min_start_from = vec![usize::MAX; spans.len()];
+        let mut m = usize::MAX;
+        for (i, &(_, s)) in spans.iter().enumerate().rev() {
+            m = m.min(s);
+            min_start_from[i] = m;
+        }
+        Excluded {
+            spans,
+            min_start_from,
+        }
     }
+
+    fn contains(&self, s: usize, e: usize) -> bool {
+        let i = self.spans.partition_point(|&(end, _)| end < e);
+        i < self.spans.len() && self.min_start_from[i] <= s
+    }
+}
+
+/// Whether `n` whole words follow byte `end` of `bytes`. The match may end
+/// inside a word (joined forms): the rest of that word does not count.
+fn words_follow(bytes: &[u8], end: usize, n: usize) -> bool {
+    let rest = &bytes[end..];
+    let spaces = rest.iter().filter(|&&b| b == b' ').count();
+    // Normalized text has single spaces and no trailing one, so each space
+    // starts a word.
+    spaces >= n
 }
 
 /// The joined form of a multi-word pattern, if long enough to be safe
@@ -511,16 +614,34 @@ mod tests {
     }
 
     #[test]
-    fn word_follows_table() {
-        let cases: &[(&str, usize, bool)] = &[
-            ("kill myself", 11, false),
-            ("kill myself now", 11, true),
-            ("kill myself ", 11, false),
-            ("killmyselfnow", 10, false),
-            ("killmyselfnow ok", 10, true),
+    fn excluded_spans_table() {
+        let x = Excluded::new([(0, 10), (20, 25), (5, 30)].into_iter());
+        let cases: &[((usize, usize), bool)] = &[
+            ((0, 10), true),
+            ((2, 8), true),
+            ((6, 30), true),
+            ((4, 26), false),
+            ((21, 24), true),
+            ((30, 31), false),
         ];
-        for (s, end, want) in cases {
-            assert_eq!(word_follows(s.as_bytes(), *end), *want, "{s}");
+        for ((s, e), want) in cases {
+            assert_eq!(x.contains(*s, *e), *want, "{s}..{e}");
+        }
+        assert!(!Excluded::new(std::iter::empty()).contains(0, 1));
+    }
+
+    #[test]
+    fn word_follows_table() {
+        let cases: &[(&str, usize, usize, bool)] = &[
+            ("kill myself", 11, 1, false),
+            ("kill myself now", 11, 1, true),
+            ("kill myself now", 11, 2, false),
+            ("kill myself right now", 11, 2, true),
+            ("killmyselfnow", 10, 1, false),
+            ("killmyselfnow ok", 10, 1, true),
+        ];
+        for (s, end, n, want) in cases {
+            assert_eq!(words_follow(s.as_bytes(), *end, *n), *want, "{s} {n}");
         }
     }
 }

@@ -48,10 +48,13 @@ pub const RISK_EMOJI: &[(char, &str)] = &[
 
 /// Speech-recognition fillers, dropped wherever they stand. Not "er": in
 /// this domain that is the emergency room.
-const FILLERS: &[&str] = &[
-    "um", "umm", "ummm", "uh", "uhh", "uhhh", "uhm", "erm", "hmm", "hm", "mm", "mmm",
-    "ah", "ahh", "eh", "ehh", "em", "emm", "mhm",
-];
+fn is_filler(w: &str) -> bool {
+    matches!(
+        w,
+        "um" | "umm" | "ummm" | "uh" | "uhh" | "uhhh" | "uhm" | "erm" | "hmm" | "hm" | "mm" | "mmm"
+            | "ah" | "ahh" | "eh" | "ehh" | "em" | "emm" | "mhm"
+    )
+}
 
 /// Units that may follow a number without the digits being read as letters.
 const NUMBER_SUFFIXES: &[&str] = &[
@@ -65,6 +68,9 @@ const NUMBER_SUFFIXES: &[&str] = &[
 pub struct Vocabulary {
     /// Repair targets, bucketed by first letter for a cheap pre-filter.
     by_first: Vec<Vec<Box<str>>>,
+    /// Per first letter, a bit for each target length: most words are
+    /// rejected by one lookup, before any comparison.
+    lengths: [u64; 26],
     /// Words that are already right and must not be rewritten.
     known: HashSet<Box<str>>,
 }
@@ -77,7 +83,7 @@ impl Vocabulary {
         known: impl IntoIterator<Item = &'a str>,
     ) -> Self {
         let mut by_first: Vec<Vec<Box<str>>> = vec![Vec::new(); 26];
-        let mut known_set: HashSet<Box<str>> = known.into_iter().map(Box::from).collect();
+        let mut known_set: HashSet<Box<str>> = HashSet::new();
         for w in repair {
             let Some(&b) = w.as_bytes().first() else {
                 continue;
@@ -91,10 +97,26 @@ impl Vocabulary {
             }
             known_set.insert(Box::from(w));
         }
-        Vocabulary {
-            by_first,
-            known: known_set,
+        let mut lengths = [0u64; 26];
+        for (i, bucket) in by_first.iter().enumerate() {
+            for w in bucket {
+                lengths[i] |= 1u64 << w.len().min(63);
+            }
         }
+        let mut v = Vocabulary {
+            by_first,
+            lengths,
+            known: HashSet::new(),
+        };
+        // Only known words that a repair would otherwise rewrite need
+        // remembering; the rest cannot be confused with the vocabulary.
+        for w in known {
+            if v.repair(w).is_some() {
+                known_set.insert(Box::from(w));
+            }
+        }
+        v.known = known_set;
+        v
     }
 
     /// Whether `a` followed by `b` spells a repair target (a split word).
@@ -102,7 +124,9 @@ impl Vocabulary {
         let Some(&first) = a.as_bytes().first() else {
             return false;
         };
-        if !first.is_ascii_lowercase() {
+        if !first.is_ascii_lowercase()
+            || self.lengths[usize::from(first - b'a')] & (1u64 << (a.len() + b.len()).min(63)) == 0
+        {
             return false;
         }
         self.by_first
@@ -118,7 +142,13 @@ impl Vocabulary {
     /// vocabulary (first letter kept) and not itself a known word.
     fn repair(&self, token: &str) -> Option<&str> {
         let bytes = token.as_bytes();
-        if bytes.len() < 3 || !bytes.iter().all(u8::is_ascii_lowercase) {
+        if bytes.len() < 3 || !bytes[0].is_ascii_lowercase() {
+            return None;
+        }
+        let near = 0b111u64 << (bytes.len() - 1).min(61);
+        if self.lengths[usize::from(bytes[0] - b'a')] & near == 0
+            || !bytes.iter().all(u8::is_ascii_lowercase)
+        {
             return None;
         }
         let bucket = self.by_first.get(usize::from(bytes[0] - b'a'))?;
@@ -186,6 +216,25 @@ impl Normalizer {
         let mut out = String::with_capacity(input.len());
         self.normalize_into(input, &mut out);
         out
+    }
+
+    /// If the word ending just before byte `at` of normalized `buf` and the
+    /// word starting at `at` together spell a vocabulary word, joins them.
+    /// Returns where the (possibly joined) word at `at` now begins.
+    pub fn join_split_at(&self, buf: &mut String, at: usize) -> usize {
+        if at < 2 || at > buf.len() || buf.as_bytes()[at - 1] != b' ' {
+            return at;
+        }
+        let left_start = buf[..at - 1].rfind(' ').map_or(0, |i| i + 1);
+        let right_end = buf[at..].find(' ').map_or(buf.len(), |i| at + i);
+        if self
+            .vocabulary
+            .is_target_pair(&buf[left_start..at - 1], &buf[at..right_end])
+        {
+            buf.remove(at - 1);
+            return left_start;
+        }
+        at
     }
 
     /// Appends the normalized form of `input` to `out`, separated from what
@@ -337,7 +386,7 @@ impl Emitter<'_> {
     }
 
     fn word_owned(&mut self, w: &str) {
-        if FILLERS.contains(&w) {
+        if is_filler(w) {
             return;
         }
         if w.len() == 1 && w.as_bytes()[0].is_ascii_lowercase() {
@@ -447,6 +496,9 @@ impl Emitter<'_> {
 /// go, and inside a word that has letters, digits and symbols that stand for
 /// letters become those letters unless the word is a number with a unit.
 fn clean_word(tok: &mut String) {
+    if tok.bytes().all(|b| b.is_ascii_lowercase()) {
+        return;
+    }
     let is_sym = |b: u8| matches!(b, b'@' | b'$' | b'!' | b'|');
     // `$` and `@` lead words in leetspeak ($elf, @ll); other symbols don't.
     let start = tok

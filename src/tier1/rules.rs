@@ -122,6 +122,8 @@ pub struct RuleSet {
     pub repair: Vec<String>,
     /// Words never rewritten by repair, besides every word a pattern uses.
     pub keep: Vec<String>,
+    /// Filler words that may stand between a rule's prefix and its phrase.
+    pub prefix_skip: Vec<String>,
     /// Files loaded, for reports.
     pub files: Vec<String>,
 }
@@ -213,6 +215,9 @@ struct FileDef {
     /// Named phrase fragments, used in phrases as `{name}`.
     #[serde(default)]
     define: BTreeMap<String, String>,
+    /// Filler words that may stand between a prefix and its phrase.
+    #[serde(default)]
+    prefix_skip: Vec<String>,
     #[serde(default)]
     vocabulary: VocabularyDef,
     #[serde(default)]
@@ -414,10 +419,22 @@ impl Builder {
             }
         }
         self.set.repair.extend(def.vocabulary.repair);
+        self.set.prefix_skip.extend(def.prefix_skip);
         self.set.keep.extend(def.vocabulary.keep);
 
         let mut contexts = Vec::new();
         for (kind, c) in def.context {
+            if c.reach > super::context::MAX_REACH {
+                self.errors.push(RuleError::Context {
+                    file: file.to_string(),
+                    kind: kind.as_str().to_string(),
+                    message: format!(
+                        "reach {} is more than {} words",
+                        c.reach,
+                        super::context::MAX_REACH
+                    ),
+                });
+            }
             let mut cues = |list: &[String]| -> Vec<Vec<String>> {
                 let mut out = Vec::new();
                 for cue in list {
@@ -704,11 +721,20 @@ fn emoji_token(w: &str) -> Option<&'static str> {
     RISK_EMOJI.iter().find(|(e, _)| *e == c).map(|(_, t)| *t)
 }
 
+/// Collapses immediate repeats of one or two words, as the normalizer does.
 fn collapse_repeats(p: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     for w in p.split(' ') {
-        if out.last() != Some(&w) {
-            out.push(w);
+        out.push(w);
+        loop {
+            let n = out.len();
+            if n >= 2 && out[n - 1] == out[n - 2] {
+                out.pop();
+            } else if n >= 4 && out[n - 1] == out[n - 3] && out[n - 2] == out[n - 4] {
+                out.truncate(n - 2);
+            } else {
+                break;
+            }
         }
     }
     out.join(" ")
