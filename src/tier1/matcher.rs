@@ -99,6 +99,8 @@ struct PatternInfo {
 pub struct StreamState {
     window: String,
     early: Vec<(RuleIndex, Action)>,
+    /// The agent's last final asked this screening question, unanswered.
+    asked: Option<u16>,
 }
 
 impl StreamState {
@@ -127,6 +129,9 @@ pub struct Matcher {
     /// Required prefixes per rule, if any.
     prefixes: Vec<Option<Prefixes>>,
     prefix_skip: FxHashSet<Box<str>>,
+    /// Screening questions of every language, pattern id → screening index.
+    questions: Option<AhoCorasick>,
+    question_of: Vec<u16>,
 }
 
 #[derive(Default)]
@@ -278,6 +283,24 @@ impl Matcher {
                 })
             })
             .collect();
+        let mut question_of = Vec::new();
+        let mut question_strings: Vec<&str> = Vec::new();
+        for (i, sc) in rules.screening.iter().enumerate() {
+            let i = u16::try_from(i).map_err(|_| too_large("screening"))?;
+            for q in &sc.questions {
+                question_strings.push(q);
+                question_of.push(i);
+            }
+        }
+        let questions = if question_strings.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(&question_strings)?,
+            )
+        };
         let prefix_skip = rules
             .prefix_skip
             .iter()
@@ -302,6 +325,8 @@ impl Matcher {
             rule_language,
             prefixes,
             prefix_skip,
+            questions,
+            question_of,
         })
     }
 
@@ -343,6 +368,9 @@ impl Matcher {
         is_final: bool,
     ) -> Vec<Detection> {
         if speaker != Speaker::Patient {
+            if speaker == Speaker::Agent && is_final {
+                state.asked = self.screening_question(text);
+            }
             return Vec::new();
         }
         SCRATCH.with(|s| {
@@ -369,6 +397,12 @@ impl Matcher {
                     .any(|(r, a)| *r == d.rule && *a >= d.action)
             });
             if is_final {
+                if let Some(q) = state.asked.take()
+                    && let Some(d) = self.affirmation(q, &buf[old..])
+                    && !found.iter().any(|f| f.rule == d.rule)
+                {
+                    found.insert(0, d);
+                }
                 state.early.clear();
                 keep_tail(&mut state.window, &buf);
             } else {
@@ -380,6 +414,36 @@ impl Matcher {
                 }
             }
             found
+        })
+    }
+
+    /// Which screening question, if any, the agent's text asks.
+    fn screening_question(&self, text: &str) -> Option<u16> {
+        let ac = self.questions.as_ref()?;
+        let norm = self.normalizer.normalize(text);
+        let bytes = norm.as_bytes();
+        ac.find_iter(&norm)
+            .find(|m| {
+                (m.start() == 0 || bytes[m.start() - 1] == b' ')
+                    && (m.end() == bytes.len() || bytes[m.end()] == b' ')
+            })
+            .map(|m| self.question_of[m.pattern().as_usize()])
+    }
+
+    /// A detection if the patient's normalized answer opens with an
+    /// affirmation of screening question `q`.
+    fn affirmation(&self, q: u16, answer: &str) -> Option<Detection> {
+        let sc = self.rules.screening.get(usize::from(q))?;
+        let answer = answer.trim_start();
+        let yes = sc.yes.iter().any(|y| {
+            answer.starts_with(y.as_str())
+                && answer.as_bytes().get(y.len()).is_none_or(|&b| b == b' ')
+        });
+        yes.then(|| Detection {
+            rule: RuleIndex(u32::try_from(sc.rule).unwrap_or(u32::MAX)),
+            action: Action::Escalate,
+            lowered_by: None,
+            early: false,
         })
     }
 

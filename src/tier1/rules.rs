@@ -103,6 +103,19 @@ pub struct Rule {
     pub prefixes: Vec<String>,
 }
 
+/// A screening question from the agent ("have you had thoughts of killing
+/// yourself?") and the patient answers that affirm it ("yes", "every day").
+/// The affirmation is what the patient says, so it is the patient's
+/// detection, under `rule`.
+#[derive(Debug, Clone)]
+pub struct Screening {
+    pub language: String,
+    /// Index of the synthetic rule an affirmation is reported under.
+    pub rule: usize,
+    pub questions: Vec<String>,
+    pub yes: Vec<String>,
+}
+
 /// Benign idioms: a rule match lying wholly inside one is dropped.
 #[derive(Debug, Clone)]
 pub struct Exclusion {
@@ -124,6 +137,8 @@ pub struct RuleSet {
     pub keep: Vec<String>,
     /// Filler words that may stand between a rule's prefix and its phrase.
     pub prefix_skip: Vec<String>,
+    /// Screening questions the agent asks, and the answers that affirm them.
+    pub screening: Vec<Screening>,
     /// Files loaded, for reports.
     pub files: Vec<String>,
 }
@@ -226,6 +241,21 @@ struct FileDef {
     rules: Vec<RuleDef>,
     #[serde(default, rename = "exclude")]
     exclusions: Vec<ExcludeDef>,
+    #[serde(default)]
+    screening: Option<ScreeningDef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScreeningDef {
+    questions: Vec<String>,
+    yes: Vec<String>,
+    #[serde(default = "screening_category")]
+    category: Category,
+}
+
+fn screening_category() -> Category {
+    Category::ActiveIdeation
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -496,6 +526,34 @@ impl Builder {
                 language: def.language.clone(),
                 patterns,
             });
+        }
+        if let Some(sc) = def.screening {
+            let id = format!("{}.screening.affirmed", def.language);
+            if self.claim_id(file, &id) {
+                let mut questions = Vec::new();
+                for q in &sc.questions {
+                    questions.extend(self.patterns(file, &id, q).unwrap_or_default());
+                }
+                let mut yes = Vec::new();
+                for y in &sc.yes {
+                    yes.extend(self.patterns(file, &id, y).unwrap_or_default());
+                }
+                self.rule_files.push(file.to_string());
+                self.set.screening.push(Screening {
+                    language: def.language.clone(),
+                    rule: self.set.rules.len(),
+                    questions,
+                    yes,
+                });
+                self.set.rules.push(Rule {
+                    id,
+                    language: def.language.clone(),
+                    category: sc.category,
+                    action: Action::Escalate,
+                    patterns: Vec::new(),
+                    prefixes: Vec::new(),
+                });
+            }
         }
         for r in def.rules {
             if !self.claim_id(file, &r.id) {
