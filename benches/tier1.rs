@@ -4,9 +4,9 @@
 
 use std::hint::black_box;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use crisisd::domain::Speaker;
 use crisisd::tier1::{Matcher, RuleSet, StreamState};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// Patient utterances of 60-120 bytes, the size of one ASR final or one text,
 /// built from the corpora's patient lines. `risky_every`: one utterance in
@@ -22,7 +22,11 @@ fn utterances(risky_every: usize) -> Vec<String> {
             let Ok(c) = crisisd::corpus::parse_line(line) else {
                 continue;
             };
-            for e in c.events.into_iter().filter(|e| e.speaker == Speaker::Patient) {
+            for e in c
+                .events
+                .into_iter()
+                .filter(|e| e.speaker == Speaker::Patient)
+            {
                 match c.label {
                     Some(crisisd::corpus::Outcome::None) => benign.push(e.text),
                     _ => risky.push(e.text),
@@ -117,7 +121,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("long_text");
     g.sample_size(20);
     g.throughput(Throughput::Bytes(long.len() as u64));
-    g.bench_function("detect", |b| b.iter(|| matcher.detect(black_box(&long)).len()));
+    g.bench_function("detect", |b| {
+        b.iter(|| matcher.detect(black_box(&long)).len())
+    });
     g.bench_function("normalize_only", |b| {
         b.iter(|| matcher.normalizer().normalize(black_box(&long)).len())
     });

@@ -107,8 +107,8 @@ pub fn read(input: impl BufRead) -> (Vec<Conversation>, Vec<LineError>) {
 
 /// Parses one corpus line.
 pub fn parse_line(line: &str) -> Result<Conversation, String> {
-    let v: Value = serde_json::from_str(line)
-        .map_err(|e| format!("invalid JSON at column {}", e.column()))?;
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON at column {}", e.column()))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
     let id = str_field(obj, "id")?.to_string();
     let channel = match str_field(obj, "channel")? {
@@ -155,9 +155,9 @@ pub fn parse_line(line: &str) -> Result<Conversation, String> {
     }
     let label = match obj.get("label") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            Outcome::parse(s).ok_or("unknown label (expected escalate, review or none)")?,
-        ),
+        Some(Value::String(s)) => {
+            Some(Outcome::parse(s).ok_or("unknown label (expected escalate, review or none)")?)
+        }
         Some(_) => return Err("field `label` must be a string".into()),
     };
     let tags = match obj.get("tags") {
@@ -196,9 +196,15 @@ mod tests {
             ("{not json", "invalid JSON at column 2"),
             ("[]", "not a JSON object"),
             (r#"{"channel":"sms","events":[]}"#, "missing field `id`"),
-            (r#"{"id":"a","channel":"fax","events":[]}"#, "unknown channel (expected voice or sms)"),
+            (
+                r#"{"id":"a","channel":"fax","events":[]}"#,
+                "unknown channel (expected voice or sms)",
+            ),
             (r#"{"id":"a","channel":"sms"}"#, "missing field `events`"),
-            (r#"{"id":"a","channel":"sms","events":[]}"#, "field `events` is empty"),
+            (
+                r#"{"id":"a","channel":"sms","events":[]}"#,
+                "field `events` is empty",
+            ),
             (
                 r#"{"id":"a","channel":"sms","events":[{"speaker":"doctor","text":"secret words","final":true}]}"#,
                 "event 0: unknown speaker (expected patient, agent or clinician)",
@@ -232,7 +238,13 @@ mod tests {
         let input = "{\"id\":\"a\",\"channel\":\"sms\",\"events\":[{\"speaker\":\"patient\",\"text\":\"hi\",\"final\":true}]}\n\nnope\n{\"id\":\"b\",\"channel\":\"voice\",\"events\":[{\"speaker\":\"agent\",\"text\":\"hi\",\"final\":false}],\"label\":\"none\",\"tags\":[\"x\"]}\n";
         let (convs, errors) = read(input.as_bytes());
         assert_eq!(convs.len(), 2);
-        assert_eq!(errors, vec![LineError { line: 3, problem: "invalid JSON at column 2".into() }]);
+        assert_eq!(
+            errors,
+            vec![LineError {
+                line: 3,
+                problem: "invalid JSON at column 2".into()
+            }]
+        );
         assert_eq!(convs[1].label, Some(Outcome::None));
         assert_eq!(convs[1].tags, vec!["x"]);
         assert!(!convs[1].events[0].is_final);

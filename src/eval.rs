@@ -106,7 +106,11 @@ impl Figures {
                 out.push((name, v, max));
             }
         };
-        high("false-escalation", self.false_escalation, t.max_false_escalation);
+        high(
+            "false-escalation",
+            self.false_escalation,
+            t.max_false_escalation,
+        );
         high("review-load", self.review_load, t.max_review_load);
         out
     }
@@ -121,7 +125,11 @@ pub fn report(cases: &[Scored], t: &Thresholds) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{} labeled cases", cases.len());
     let _ = writeln!(s, "\nconfusion (rows: label, columns: outcome)");
-    let _ = writeln!(s, "  {:<10} {:>9} {:>7} {:>5}", "", "escalate", "review", "none");
+    let _ = writeln!(
+        s,
+        "  {:<10} {:>9} {:>7} {:>5}",
+        "", "escalate", "review", "none"
+    );
     for label in Outcome::ALL {
         let row: Vec<usize> = Outcome::ALL
             .iter()
@@ -182,10 +190,30 @@ pub fn report(cases: &[Scored], t: &Thresholds) -> String {
 
     let f = figures(cases);
     let _ = writeln!(s, "\nfigures");
-    let _ = writeln!(s, "  tier1-recall      {}  (min {})", fig(f.tier1_recall), t.min_tier1_recall);
-    let _ = writeln!(s, "  safety-recall     {}  (min {})", fig(f.safety_recall), t.min_safety_recall);
-    let _ = writeln!(s, "  false-escalation  {}  (max {})", fig(f.false_escalation), t.max_false_escalation);
-    let _ = writeln!(s, "  review-load       {}  (max {})", fig(f.review_load), t.max_review_load);
+    let _ = writeln!(
+        s,
+        "  tier1-recall      {}  (min {})",
+        fig(f.tier1_recall),
+        t.min_tier1_recall
+    );
+    let _ = writeln!(
+        s,
+        "  safety-recall     {}  (min {})",
+        fig(f.safety_recall),
+        t.min_safety_recall
+    );
+    let _ = writeln!(
+        s,
+        "  false-escalation  {}  (max {})",
+        fig(f.false_escalation),
+        t.max_false_escalation
+    );
+    let _ = writeln!(
+        s,
+        "  review-load       {}  (max {})",
+        fig(f.review_load),
+        t.max_review_load
+    );
     let fails = f.failures(t);
     let summary = format!(
         "tier1-recall={} safety-recall={} false-escalation={} review-load={} cases={}",
@@ -255,9 +283,27 @@ mod tests {
         assert_eq!(f.safety_recall, Some(0.75));
         assert_eq!(f.false_escalation, Some(0.25));
         assert_eq!(f.review_load, Some(0.25));
-        let fails: Vec<&str> = f.failures(&Thresholds::default()).iter().map(|x| x.0).collect();
-        assert_eq!(fails, vec!["tier1-recall", "safety-recall", "false-escalation", "review-load"]);
-        assert!(report(&cases, &Thresholds::default()).lines().last().unwrap().starts_with("FAIL"));
+        let fails: Vec<&str> = f
+            .failures(&Thresholds::default())
+            .iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(
+            fails,
+            vec![
+                "tier1-recall",
+                "safety-recall",
+                "false-escalation",
+                "review-load"
+            ]
+        );
+        assert!(
+            report(&cases, &Thresholds::default())
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("FAIL")
+        );
     }
 
     #[test]

@@ -11,14 +11,18 @@ use clap::{Parser, Subcommand};
 use crisisd::corpus::{self, Conversation, LineError};
 use crisisd::eval::{self, Scored, Thresholds};
 use crisisd::replay::{ReplayLine, replay};
-use crisisd::tier1::rules::{Loaded, RuleSet};
 use crisisd::tier1::Matcher;
+use crisisd::tier1::rules::{Loaded, RuleSet};
 
 /// Exit code when input lines were skipped.
 const EXIT_SKIPPED: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "crisisd", version, about = "Real-time crisis detection for therapy practices")]
+#[command(
+    name = "crisisd",
+    version,
+    about = "Real-time crisis detection for therapy practices"
+)]
 struct Cli {
     /// Load phrase rules (en.toml, es.toml, …) from this folder instead of the
     /// shipped ones.
@@ -149,7 +153,10 @@ fn matcher(dir: Option<&Path>) -> Result<Matcher> {
     let rules = loaded.rules.map_err(|es| {
         anyhow::anyhow!(
             "the rules do not load:\n{}",
-            es.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+            es.iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         )
     })?;
     Ok(Matcher::new(rules)?)
@@ -172,10 +179,20 @@ fn check_rules(dir: Option<&Path>) -> Result<ExitCode> {
     };
     let matcher = Matcher::new(rules.clone())?;
     println!("files: {}", rules.files.join(", "));
-    println!("{:<4} {:<16} {:<9} {:>5} {:>9}", "lang", "category", "action", "rules", "patterns");
+    println!(
+        "{:<4} {:<16} {:<9} {:>5} {:>9}",
+        "lang", "category", "action", "rules", "patterns"
+    );
     let mut total = (0, 0);
     for ((lang, cat, action), (n, p)) in rules.counts() {
-        println!("{:<4} {:<16} {:<9} {:>5} {:>9}", lang, cat.as_str(), action.as_str(), n, p);
+        println!(
+            "{:<4} {:<16} {:<9} {:>5} {:>9}",
+            lang,
+            cat.as_str(),
+            action.as_str(),
+            n,
+            p
+        );
         total.0 += n;
         total.1 += p;
     }

@@ -105,11 +105,18 @@ impl ContextRule {
 }
 
 fn ends_with(words: &[&str], cue: &[String]) -> bool {
-    words.len() >= cue.len() && words[words.len() - cue.len()..].iter().zip(cue).all(|(a, b)| *a == b)
+    words.len() >= cue.len()
+        && words[words.len() - cue.len()..]
+            .iter()
+            .zip(cue)
+            .all(|(a, b)| *a == b)
 }
 
 fn contains(words: &[&str], cue: &[String]) -> bool {
-    !cue.is_empty() && words.windows(cue.len()).any(|w| w.iter().zip(cue).all(|(a, b)| *a == b))
+    !cue.is_empty()
+        && words
+            .windows(cue.len())
+            .any(|w| w.iter().zip(cue).all(|(a, b)| *a == b))
 }
 
 #[cfg(test)]
@@ -117,7 +124,11 @@ mod tests {
     use super::*;
 
     fn rule(adjacent: bool, reach: usize, before: &[&str], after: &[&str]) -> ContextRule {
-        let cues = |l: &[&str]| l.iter().map(|c| c.split(' ').map(str::to_string).collect()).collect();
+        let cues = |l: &[&str]| {
+            l.iter()
+                .map(|c| c.split(' ').map(str::to_string).collect())
+                .collect()
+        };
         ContextRule {
             kind: ContextKind::Negation,
             before: cues(before),
@@ -150,7 +161,12 @@ mod tests {
 
     #[test]
     fn reach_table() {
-        let r = rule(false, 6, &["used to", "when i was"], &["years ago", "when i was"]);
+        let r = rule(
+            false,
+            6,
+            &["used to", "when i was"],
+            &["years ago", "when i was"],
+        );
         let cases: &[(&str, &str, bool)] = &[
             ("i used to", "", true),
             ("when i was sixteen i", "", true),

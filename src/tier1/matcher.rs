@@ -132,6 +132,8 @@ pub struct Matcher {
     /// Screening questions of every language, pattern id → screening index.
     questions: Option<AhoCorasick>,
     question_of: Vec<u16>,
+    /// Length in bytes of the longest literal.
+    max_literal: usize,
 }
 
 #[derive(Default)]
@@ -251,6 +253,7 @@ impl Matcher {
         let Literals {
             strings, patterns, ..
         } = lit;
+        let max_literal = strings.iter().map(|s| s.len()).max().unwrap_or(0);
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::Standard)
             .kind(Some(AhoCorasickKind::ContiguousNFA))
@@ -279,7 +282,12 @@ impl Matcher {
             .map(|r| {
                 (!r.prefixes.is_empty()).then(|| Prefixes {
                     set: r.prefixes.iter().map(|p| Box::from(p.as_str())).collect(),
-                    max_words: r.prefixes.iter().map(|p| p.split(' ').count()).max().unwrap_or(0),
+                    max_words: r
+                        .prefixes
+                        .iter()
+                        .map(|p| p.split(' ').count())
+                        .max()
+                        .unwrap_or(0),
                 })
             })
             .collect();
@@ -327,6 +335,7 @@ impl Matcher {
             prefix_skip,
             questions,
             question_of,
+            max_literal,
         })
     }
 
@@ -458,7 +467,12 @@ impl Matcher {
     fn scan(&self, buf: &str, old: usize, partial: bool) -> Vec<Detection> {
         let bytes = buf.as_bytes();
         let mut raw: Vec<RawMatch> = Vec::new();
-        for m in self.ac.find_overlapping_iter(buf) {
+        // A match reaching into the new text starts at most one literal's
+        // length before it: the rest of the window need not be scanned again.
+        let from = old.saturating_sub(self.max_literal);
+        let from = buf[..from].rfind(' ').map_or(0, |i| i + 1);
+        let input = aho_corasick::Input::new(buf).span(from..buf.len());
+        for m in self.ac.find_overlapping_iter(input) {
             if m.end() <= old {
                 continue;
             }
@@ -502,7 +516,9 @@ impl Matcher {
             .filter(|(s, e, _)| !excluded.contains(*s, *e))
             .filter_map(|(s, e, r)| match &self.prefixes[r as usize] {
                 None => Some((s, e, r)),
-                Some(p) => p.start_before(buf, s, &self.prefix_skip).map(|ps| (ps, e, r)),
+                Some(p) => p
+                    .start_before(buf, s, &self.prefix_skip)
+                    .map(|ps| (ps, e, r)),
             })
             .collect();
         if hits.is_empty() {
@@ -651,7 +667,11 @@ fn keep_tail(window: &mut String, buf: &str) {
     }
     // Normalized text is ASCII, so any byte offset is a char boundary. A
     // single word longer than the window keeps its end.
-    let len = if words == 0 { buf.len().min(WINDOW_BYTES) } else { len };
+    let len = if words == 0 {
+        buf.len().min(WINDOW_BYTES)
+    } else {
+        len
+    };
     let tail = &buf[buf.len() - len..];
     if window.capacity() > 2 * WINDOW_BYTES {
         *window = String::with_capacity(WINDOW_BYTES);

@@ -51,8 +51,24 @@ pub const RISK_EMOJI: &[(char, &str)] = &[
 fn is_filler(w: &str) -> bool {
     matches!(
         w,
-        "um" | "umm" | "ummm" | "uh" | "uhh" | "uhhh" | "uhm" | "erm" | "hmm" | "hm" | "mm" | "mmm"
-            | "ah" | "ahh" | "eh" | "ehh" | "em" | "emm" | "mhm"
+        "um" | "umm"
+            | "ummm"
+            | "uh"
+            | "uhh"
+            | "uhhh"
+            | "uhm"
+            | "erm"
+            | "hmm"
+            | "hm"
+            | "mm"
+            | "mmm"
+            | "ah"
+            | "ahh"
+            | "eh"
+            | "ehh"
+            | "em"
+            | "emm"
+            | "mhm"
     )
 }
 
@@ -132,9 +148,9 @@ impl Vocabulary {
         self.by_first
             .get(usize::from(first - b'a'))
             .is_some_and(|bucket| {
-                bucket.iter().any(|w| {
-                    w.len() == a.len() + b.len() && w.starts_with(a) && w.ends_with(b)
-                })
+                bucket
+                    .iter()
+                    .any(|w| w.len() == a.len() + b.len() && w.starts_with(a) && w.ends_with(b))
             })
     }
 
@@ -299,11 +315,11 @@ impl Emitter<'_> {
             }
             b':' => self.colon(),
             b'\'' | b'`' => {}
-            b'@' | b'$' | b'!' | b'|' => {
-                // Only inside a word do these stand for letters.
+            // Inside a word these stand for letters; `$` and `@` also lead
+            // words ($elf, @ll). Elsewhere they are dropped.
+            b'@' | b'$' => self.tok.push(b as char),
+            b'!' | b'|' => {
                 if !self.tok.is_empty() {
-                    self.tok.push(b as char)
-                } else if b == b'$' || b == b'@' {
                     self.tok.push(b as char)
                 }
             }
@@ -464,7 +480,10 @@ impl Emitter<'_> {
         if self.hist_len < 2 {
             return false;
         }
-        let (a, b) = (self.tok_at(self.hist_len - 2), self.tok_at(self.hist_len - 1));
+        let (a, b) = (
+            self.tok_at(self.hist_len - 2),
+            self.tok_at(self.hist_len - 1),
+        );
         if !self.vocab.is_target_pair(a, b) {
             return false;
         }
@@ -552,7 +571,13 @@ fn is_number_with_unit(bytes: &[u8]) -> bool {
 fn is_apostrophe(c: char) -> bool {
     matches!(
         c,
-        '\u{2018}' | '\u{2019}' | '\u{201B}' | '\u{2032}' | '\u{02BC}' | '\u{02B9}' | '\u{00B4}'
+        '\u{2018}'
+            | '\u{2019}'
+            | '\u{201B}'
+            | '\u{2032}'
+            | '\u{02BC}'
+            | '\u{02B9}'
+            | '\u{00B4}'
             | '\u{FF07}'
     )
 }
@@ -612,7 +637,9 @@ pub fn is_normal_form(s: &str) -> bool {
     }
     s.split(' ').all(|w| {
         !w.is_empty()
-            && (w.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && (w
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
                 || RISK_EMOJI.iter().any(|(_, t)| *t == w))
     })
 }
@@ -624,7 +651,9 @@ mod tests {
 
     fn crisis_vocab() -> Normalizer {
         Normalizer::with_vocabulary(Vocabulary::new(
-            ["suicide", "suicidal", "myself", "kill", "killing", "overdose"],
+            [
+                "suicide", "suicidal", "myself", "kill", "killing", "overdose",
+            ],
             ["ill", "skill", "kills", "suicida", "suicidas"],
         ))
     }

@@ -189,9 +189,15 @@ mod tests {
                 "(kill|hurt) (myself|my self)",
                 &["kill myself", "kill my self", "hurt myself", "hurt my self"],
             ),
-            ("going to [go] end it", &["going to go end it", "going to end it"]),
+            (
+                "going to [go] end it",
+                &["going to go end it", "going to end it"],
+            ),
             ("[so|very] sad", &["so sad", "very sad", "sad"]),
-            ("(take (my|all my) pills|overdose)", &["take my pills", "take all my pills", "overdose"]),
+            (
+                "(take (my|all my) pills|overdose)",
+                &["take my pills", "take all my pills", "overdose"],
+            ),
             ("a b|c", &["a b", "c"]),
             ("want(to)die", &["want to die"]),
         ];
@@ -211,7 +217,10 @@ mod tests {
             ("(kill||hurt) myself", PhraseError::EmptyAlternative),
             ("() myself", PhraseError::EmptyAlternative),
             ("[really]", PhraseError::AllOptional),
-            ("(a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h)", PhraseError::TooMany),
+            (
+                "(a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h) (a|b|c|d|e|f|g|h)",
+                PhraseError::TooMany,
+            ),
         ];
         for (phrase, want) in cases {
             assert_eq!(expand(phrase).unwrap_err(), *want, "{phrase:?}");

@@ -468,8 +468,13 @@ impl Builder {
             let mut cues = |list: &[String]| -> Vec<Vec<String>> {
                 let mut out = Vec::new();
                 for cue in list {
-                    if let Some(ps) = self.patterns(file, &format!("context.{}", kind.as_str()), cue) {
-                        out.extend(ps.into_iter().map(|p| p.split(' ').map(str::to_string).collect()));
+                    if let Some(ps) =
+                        self.patterns(file, &format!("context.{}", kind.as_str()), cue)
+                    {
+                        out.extend(
+                            ps.into_iter()
+                                .map(|p| p.split(' ').map(str::to_string).collect()),
+                        );
                     }
                 }
                 out
@@ -690,7 +695,12 @@ impl Builder {
             .set
             .rules
             .iter()
-            .flat_map(|r| r.patterns.iter().chain(&r.prefixes).flat_map(|p| p.split(' ')))
+            .flat_map(|r| {
+                r.patterns
+                    .iter()
+                    .chain(&r.prefixes)
+                    .flat_map(|p| p.split(' '))
+            })
             .collect();
         for w in &self.set.repair {
             if !words.contains(w.as_str()) {
@@ -709,7 +719,8 @@ impl Builder {
             let useful = x.patterns.iter().any(|xp| {
                 let words: Vec<&str> = xp.split(' ').collect();
                 (0..words.len()).any(|i| {
-                    (i + 1..=words.len()).any(|j| rule_patterns.contains(words[i..j].join(" ").as_str()))
+                    (i + 1..=words.len())
+                        .any(|j| rule_patterns.contains(words[i..j].join(" ").as_str()))
                 })
             });
             if !useful {
@@ -726,7 +737,11 @@ impl Builder {
             ..
         } = self;
         Loaded {
-            rules: if errors.is_empty() { Ok(set) } else { Err(errors) },
+            rules: if errors.is_empty() {
+                Ok(set)
+            } else {
+                Err(errors)
+            },
             warnings,
         }
     }
@@ -798,7 +813,6 @@ fn collapse_repeats(p: &str) -> String {
     out.join(" ")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -819,7 +833,10 @@ mod tests {
         let loaded =
             RuleSet::from_sources(BUILTIN.iter().map(|(f, t)| (f.to_string(), t.to_string())));
         if let Err(es) = &loaded.rules {
-            panic!("{}", es.iter().map(|e| format!("{e}\n")).collect::<String>());
+            panic!(
+                "{}",
+                es.iter().map(|e| format!("{e}\n")).collect::<String>()
+            );
         }
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     }
@@ -867,7 +884,9 @@ mod tests {
         for (text, want) in cases {
             let got = errors(text);
             assert!(
-                got.iter().any(|g| g.starts_with(want) || g.contains(want.trim_start_matches("xx/en.toml: "))),
+                got.iter()
+                    .any(|g| g.starts_with(want)
+                        || g.contains(want.trim_start_matches("xx/en.toml: "))),
                 "want {want:?}\n got {got:?}"
             );
         }
@@ -881,10 +900,20 @@ mod tests {
         let set = l.rules.unwrap();
         assert_eq!(
             set.rules[0].patterns,
-            vec!["going to kill myself", "going to hurt myself", "gonna kill myself", "gonna hurt myself"]
+            vec![
+                "going to kill myself",
+                "going to hurt myself",
+                "gonna kill myself",
+                "gonna hurt myself"
+            ]
         );
-        let errs = errors("language = \"en\"\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"{nope} myself\"]");
-        assert_eq!(errs, vec!["xx/en.toml: rule `a`: phrase \"{nope} myself\": unknown definition `{nope}`"]);
+        let errs = errors(
+            "language = \"en\"\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"{nope} myself\"]",
+        );
+        assert_eq!(
+            errs,
+            vec!["xx/en.toml: rule `a`: phrase \"{nope} myself\": unknown definition `{nope}`"]
+        );
     }
 
     #[test]

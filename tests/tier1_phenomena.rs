@@ -1,0 +1,434 @@
+//! Tier 1, one table per phenomenon. Each row is a conversation (speaker,
+//! text, final) and the outcome Tier 1 must reach for it; a new phenomenon
+//! is one more row. Sentences here are not in the corpora.
+
+use std::sync::OnceLock;
+
+use crisisd::corpus::{Conversation, Event, Outcome};
+use crisisd::domain::{Channel, Speaker};
+use crisisd::replay::{Verdict, replay};
+use crisisd::tier1::{Action, ContextKind, Matcher, StreamState};
+
+fn matcher() -> &'static Matcher {
+    static M: OnceLock<Matcher> = OnceLock::new();
+    M.get_or_init(|| Matcher::builtin().expect("the shipped rules compile"))
+}
+
+const P: Speaker = Speaker::Patient;
+const A: Speaker = Speaker::Agent;
+const C: Speaker = Speaker::Clinician;
+
+fn run(events: &[Ev]) -> Verdict {
+    let conv = Conversation {
+        line: 0,
+        id: "t".into(),
+        channel: Channel::Voice,
+        events: events
+            .iter()
+            .map(|(speaker, text, is_final)| Event {
+                speaker: *speaker,
+                text: text.to_string(),
+                is_final: *is_final,
+            })
+            .collect(),
+        label: None,
+        tags: Vec::new(),
+    };
+    replay(matcher(), &conv)
+}
+
+/// One event: who, what, and whether it is final.
+type Ev<'a> = (Speaker, &'a str, bool);
+
+fn check(table: &[(&[Ev], Outcome)]) {
+    let mut failures = Vec::new();
+    for (events, want) in table {
+        let got = run(events);
+        if got.outcome != *want {
+            failures.push(format!("{events:?}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+fn one(text: &str) -> [Ev<'_>; 1] {
+    [(P, text, true)]
+}
+
+/// Single-utterance rows: (text, outcome).
+fn check_texts(table: &[(&str, Outcome)]) {
+    let mut failures = Vec::new();
+    for (text, want) in table {
+        let got = run(&one(text));
+        if got.outcome != *want {
+            failures.push(format!("{text:?}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+use Outcome::{Escalate, None as Benign, Review};
+
+#[test]
+fn explicit_first_person_risk_escalates() {
+    check_texts(&[
+        ("I'm going to end my life this weekend", Escalate),
+        ("i keep thinking about killing myself", Escalate),
+        ("I wish I were dead", Escalate),
+        ("I have a plan to kill myself", Escalate),
+        ("I'm going to hang myself in the garage", Escalate),
+        ("I took a whole bottle of tylenol an hour ago", Escalate),
+        ("I've been cutting my wrists again", Escalate),
+        ("I'm writing my suicide note now", Escalate),
+        ("I'm going to jump off the bridge tonight", Escalate),
+        ("I have been having suicidal thoughts", Escalate),
+    ]);
+}
+
+#[test]
+fn texting_slang_escalates() {
+    check_texts(&[
+        ("gonna kms", Escalate),
+        ("i wanna unalive myself fr", Escalate),
+        ("ready to ctb", Escalate),
+        ("thinking about sewerslide", Escalate),
+        ("i just wanna die lol", Escalate),
+    ]);
+}
+
+#[test]
+fn variants_and_unicode_tricks_are_seen_through() {
+    check_texts(&[
+        ("I WANT TO END MY LIFE", Escalate),               // case
+        ("I don\u{2019}t want to live anymore", Escalate), // curly apostrophe
+        ("i\tam going to   kill   myself", Escalate),      // whitespace
+        ("kill... my... self!!!", Escalate),               // punctuation
+        ("endmylife", Escalate),                           // joined
+        ("i w4nt to k1ll mys3lf", Escalate),               // leet
+        ("i feel sucidal", Escalate),                      // typo
+        ("i want to d\u{200D}ie", Escalate),               // zero-width joiner
+        ("i want to kіll myself", Escalate),               // Cyrillic і
+        ("ｉ ｗａｎｔ ｔｏ ｄｉｅ", Escalate),             // fullwidth
+        ("k i l l  m y s e l f", Escalate),                // spaced letters
+        ("thinking about sui cide", Escalate),             // split word
+        ("i want to kill my\u{00AD}self", Escalate),       // soft hyphen
+    ]);
+}
+
+#[test]
+fn speech_recognition_disfluencies_are_seen_through() {
+    check_texts(&[
+        ("i um i uh want to uh die", Escalate),
+        ("i'm i'm i'm going to kill myself", Escalate),
+        ("im gonna like take all the the pills", Escalate),
+        ("i was in the ER after my overdose", Escalate),
+    ]);
+}
+
+#[test]
+fn phrases_split_across_fragments_are_found() {
+    check(&[
+        (
+            &[(P, "I want to", true), (P, "kill myself", true)],
+            Escalate,
+        ),
+        (
+            &[
+                (P, "sometimes I think about ending", true),
+                (P, "my life", true),
+            ],
+            Escalate,
+        ),
+        // The agent talking in between does not break the patient's phrase.
+        (
+            &[
+                (P, "I want", true),
+                (A, "mm-hm, go on", true),
+                (P, "to die", true),
+            ],
+            Escalate,
+        ),
+        // A word split across two texts.
+        (
+            &[(P, "thinking about sui", true), (P, "cide", true)],
+            Escalate,
+        ),
+    ]);
+}
+
+#[test]
+fn partials_warn_early_and_finals_do_not_escalate_twice() {
+    let m = matcher();
+    let mut st = StreamState::new();
+    assert!(m.feed(&mut st, P, "I'm going to kill", false).is_empty());
+    let early = m.feed(&mut st, P, "I'm going to kill myself tonight with", false);
+    assert_eq!(early.len(), 1, "{early:?}");
+    assert!(early[0].early && early[0].action == Action::Escalate);
+    // Later partials and the final repeat nothing already reported.
+    assert!(
+        m.feed(
+            &mut st,
+            P,
+            "I'm going to kill myself tonight with pills",
+            false
+        )
+        .is_empty()
+    );
+    assert!(
+        m.feed(
+            &mut st,
+            P,
+            "I'm going to kill myself tonight with pills",
+            true
+        )
+        .is_empty()
+    );
+    // A new utterance is new.
+    let again = m.feed(&mut st, P, "I want to die", true);
+    assert_eq!(again[0].action, Action::Escalate);
+
+    check(&[
+        // The early warning needs two words after the phrase, so an ASR
+        // homophone revised by the final does not page anyone.
+        (
+            &[
+                (P, "I want to die", false),
+                (P, "I want to die my", false),
+                (P, "I want to dye my hair", true),
+            ],
+            Benign,
+        ),
+        (
+            &[
+                (P, "I think I'm going", false),
+                (P, "I think I'm going to kill myself", true),
+            ],
+            Escalate,
+        ),
+    ]);
+}
+
+#[test]
+fn only_the_patients_words_are_matched() {
+    check(&[
+        (
+            &[
+                (
+                    A,
+                    "If you're thinking about suicide, call or text 988.",
+                    true,
+                ),
+                (P, "ok thanks", true),
+            ],
+            Benign,
+        ),
+        (
+            &[
+                (C, "Have you wanted to kill yourself or die?", true),
+                (P, "no never", true),
+            ],
+            Benign,
+        ),
+        (
+            &[(A, "I want to kill myself is something people say", true)],
+            Benign,
+        ),
+    ]);
+}
+
+#[test]
+fn a_yes_to_the_screening_question_escalates() {
+    check(&[
+        (
+            &[
+                (A, "Have you had thoughts of killing yourself?", true),
+                (P, "yes, a lot lately", true),
+            ],
+            Escalate,
+        ),
+        (
+            &[
+                (A, "Are you thinking about hurting yourself?", true),
+                (P, "kind of", true),
+            ],
+            Escalate,
+        ),
+        (
+            &[
+                (A, "Have you had thoughts of killing yourself?", true),
+                (P, "no, not at all", true),
+            ],
+            Benign,
+        ),
+        (
+            &[
+                (A, "¿Ha tenido pensamientos de quitarse la vida?", true),
+                (P, "sí, todos los días", true),
+            ],
+            Escalate,
+        ),
+        // A yes to something else is nothing.
+        (
+            &[(A, "Is Tuesday at three okay?", true), (P, "yes", true)],
+            Benign,
+        ),
+    ]);
+}
+
+#[test]
+fn negation_lowers_to_review_never_to_nothing() {
+    check_texts(&[
+        ("I'm not going to kill myself", Review),
+        ("I would never end my life", Review),
+        ("I don't want to die, I'm just exhausted", Review),
+        ("I have no plans to hurt myself", Review),
+        ("I'm not suicidal", Review),
+        ("no me voy a matar", Review),
+    ]);
+    let d = matcher().detect("I'm not going to kill myself");
+    assert_eq!(d[0].lowered_by, Some(ContextKind::Negation));
+    // A negation in another clause does not lower.
+    check_texts(&[("I'm not okay and I want to kill myself", Escalate)]);
+    // "no sé, me quiero morir": "I don't know, I want to die".
+    check_texts(&[("no sé, me quiero morir", Escalate)]);
+}
+
+#[test]
+fn third_party_is_reviewed() {
+    check_texts(&[
+        ("my sister is thinking about suicide", Review),
+        ("my son said he wants to kill himself", Review),
+        ("my friend has been cutting herself", Review),
+        ("she tried to end her life last year", Review),
+        ("mi hermano se quiere matar", Review),
+    ]);
+}
+
+#[test]
+fn past_time_is_reviewed_recent_is_not() {
+    check_texts(&[
+        ("I tried to kill myself when I was fifteen", Review),
+        ("I used to cut myself in high school", Review),
+        ("I tried to kill myself last night", Escalate),
+        ("I overdosed yesterday", Escalate),
+    ]);
+}
+
+#[test]
+fn conditions_and_hyperbole_are_reviewed() {
+    check_texts(&[
+        (
+            "if they cancel my flight again I'm going to kill myself",
+            Review,
+        ),
+        (
+            "I'll kill myself if I have to do another group project",
+            Review,
+        ),
+        ("si me vuelven a cobrar me mato", Review),
+        // "sí" (yes) loses its accent, and must not read as "si" (if).
+        ("si, me quiero matar", Escalate),
+    ]);
+}
+
+#[test]
+fn ambiguous_language_goes_to_review() {
+    check_texts(&[
+        ("I can't do this anymore", Review),
+        ("everyone would be better off without me", Review),
+        ("I just want to disappear", Review),
+        (
+            "I gave my cat to my neighbor, she'll take better care of her",
+            Review,
+        ),
+        ("I have a gun in my nightstand", Review),
+        ("I'm going to kill my stepdad", Review),
+        ("my boyfriend hits me when he drinks", Review),
+        ("ya no aguanto más", Review),
+        ("soy una carga para mi familia", Review),
+    ]);
+}
+
+#[test]
+fn risk_emoji_lead_to_review() {
+    check_texts(&[
+        ("\u{1F48A}\u{1F48A}\u{1F48A}", Review),
+        ("tonight \u{1F52B}", Review),
+        ("\u{1FAA2}", Review),
+        ("\u{26B0}\u{FE0F}", Review),
+        ("\u{1FAA6}", Review),
+        ("lol \u{1F480}", Benign), // the skull is laughter
+    ]);
+}
+
+#[test]
+fn benign_idioms_and_mentions_stay_quiet() {
+    check_texts(&[
+        ("I almost killed myself laughing at that show", Benign),
+        ("I'm cutting myself some slack this week", Benign),
+        ("I shot myself in the foot with that email", Benign),
+        ("I overdosed on coffee this morning", Benign),
+        ("this traffic is killing me", Benign),
+        ("I'm dying to see the new movie", Benign),
+        ("my phone is dead", Benign),
+        ("that pie was to die for", Benign),
+        ("I want to die of embarrassment", Benign),
+        ("she killed it at the recital", Benign),
+        ("I hurt myself at the gym", Benign),
+        ("I cut myself shaving", Benign),
+        ("I watched a documentary about suicide prevention", Benign),
+        ("me muero de hambre", Benign),
+        ("me quiero morir de la risa jaja", Benign),
+        ("me corté el pelo", Benign),
+        ("can I move my appointment to Thursday", Benign),
+        ("I need a refill of my meds", Benign),
+        ("I took my pills this morning", Benign),
+        ("the ER called about my mom's bill", Benign),
+    ]);
+}
+
+#[test]
+fn spanish_is_covered() {
+    check_texts(&[
+        ("me quiero morir", Escalate),
+        ("voy a quitarme la vida", Escalate),
+        ("ya no quiero vivir", Escalate),
+        ("pienso en suicidarme", Escalate),
+        ("me tomé todas las pastillas", Escalate),
+        ("me voy a tirar del puente", Escalate),
+        ("kiero matarme", Escalate),
+        ("no tiene sentido seguir", Review),
+        ("mi jefe quiere matarme", Review),
+    ]);
+}
+
+#[test]
+fn stream_state_stays_under_a_kibibyte() {
+    let m = matcher();
+    let mut st = StreamState::new();
+    let long = "this is a very long rambling utterance about nothing in particular ".repeat(50);
+    for i in 0..200 {
+        m.feed(&mut st, P, &long, i % 3 != 0);
+        m.feed(&mut st, A, &long, true);
+        m.feed(&mut st, P, &"x".repeat(5000), true);
+        assert!(st.footprint() < 1024, "{} bytes", st.footprint());
+    }
+}
+
+#[test]
+fn splitting_a_text_anywhere_finds_the_same_escalation() {
+    let texts = [
+        "honestly I want to kill myself tonight",
+        "I'm going to take all my sleeping pills",
+        "i keep thinking about ending my life",
+        "me voy a quitar la vida",
+    ];
+    for text in texts {
+        let words: Vec<&str> = text.split(' ').collect();
+        for cut in 1..words.len() {
+            let (a, b) = (words[..cut].join(" "), words[cut..].join(" "));
+            let got = run(&[(P, &a, true), (P, &b, true)]);
+            assert_eq!(got.outcome, Escalate, "{a:?} | {b:?}");
+        }
+    }
+}
