@@ -470,7 +470,10 @@ impl Matcher {
         // A match reaching into the new text starts at most one literal's
         // length before it: the rest of the window need not be scanned again.
         let from = old.saturating_sub(self.max_literal);
-        let from = buf[..from].rfind(' ').map_or(0, |i| i + 1);
+        let from = bytes[..from]
+            .iter()
+            .rposition(|&b| b == b' ')
+            .map_or(0, |i| i + 1);
         let input = aho_corasick::Input::new(buf).span(from..buf.len());
         for m in self.ac.find_overlapping_iter(input) {
             if m.end() <= old {
@@ -656,23 +659,30 @@ fn joined_form(p: &str) -> Option<String> {
 
 /// Keeps the last words of `buf` in `window`, bounded in words and bytes.
 fn keep_tail(window: &mut String, buf: &str) {
-    let (mut len, mut words) = (0, 0);
-    for w in buf.rsplit(' ') {
-        let add = w.len() + usize::from(words > 0);
-        if words == WINDOW_WORDS || len + add > WINDOW_BYTES {
-            break;
+    let bytes = buf.as_bytes();
+    // Walk back over at most WINDOW_WORDS words and WINDOW_BYTES bytes; the
+    // tail starts after the last space that keeps both bounds.
+    let floor = bytes.len().saturating_sub(WINDOW_BYTES + 1);
+    let mut start = None;
+    let mut words = 0;
+    for i in (floor..bytes.len()).rev() {
+        if bytes[i] == b' ' {
+            words += 1;
+            start = Some(i + 1);
+            if words == WINDOW_WORDS {
+                break;
+            }
         }
-        len += add;
-        words += 1;
     }
-    // Normalized text is ASCII, so any byte offset is a char boundary. A
-    // single word longer than the window keeps its end.
-    let len = if words == 0 {
-        buf.len().min(WINDOW_BYTES)
-    } else {
-        len
+    let start = match start {
+        // The whole text fits.
+        _ if bytes.len() <= WINDOW_BYTES && words < WINDOW_WORDS => 0,
+        Some(s) => s,
+        // A single word longer than the window keeps its end. Normalized
+        // text is ASCII, so any byte offset is a char boundary.
+        None => bytes.len() - bytes.len().min(WINDOW_BYTES),
     };
-    let tail = &buf[buf.len() - len..];
+    let tail = &buf[start..];
     if window.capacity() > 2 * WINDOW_BYTES {
         *window = String::with_capacity(WINDOW_BYTES);
     }
@@ -695,6 +705,14 @@ mod tests {
         assert!(w.len() <= WINDOW_BYTES);
         keep_tail(&mut w, "i want");
         assert_eq!(w, "i want");
+        let sixteen: String = (0..16)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        keep_tail(&mut w, &sixteen);
+        assert_eq!(w, sixteen);
+        keep_tail(&mut w, &format!("extra {sixteen}"));
+        assert_eq!(w, sixteen);
     }
 
     #[test]

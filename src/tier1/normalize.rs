@@ -49,6 +49,10 @@ pub const RISK_EMOJI: &[(char, &str)] = &[
 /// Speech-recognition fillers, dropped wherever they stand. Not "er": in
 /// this domain that is the emergency room.
 fn is_filler(w: &str) -> bool {
+    // Cheap rejection first: this runs on every word.
+    if w.len() > 4 || !matches!(w.as_bytes().first(), Some(b'u' | b'e' | b'h' | b'm' | b'a')) {
+        return false;
+    }
     matches!(
         w,
         "um" | "umm"
@@ -268,13 +272,27 @@ impl Normalizer {
             tok_after_colon: false,
         };
         em.base = em.out.len();
-        if input.is_ascii() {
-            for &b in input.as_bytes() {
-                em.ascii(b);
-            }
-        } else {
-            for c in input.nfkc() {
-                em.char(c);
+        // ASCII runs take the fast path; only the non-ASCII stretches between
+        // them go through NFKC. Splitting there is safe: what NFKC would
+        // compose across the seam is a combining mark, which is dropped.
+        let bytes = input.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let end = bytes[i..]
+                .iter()
+                .position(|b| !b.is_ascii())
+                .map_or(bytes.len(), |p| i + p);
+            em.ascii_run(&input[i..end]);
+            i = end;
+            if i < bytes.len() {
+                let end = bytes[i..]
+                    .iter()
+                    .position(u8::is_ascii)
+                    .map_or(bytes.len(), |p| i + p);
+                for c in input[i..end].nfkc() {
+                    em.char(c);
+                }
+                i = end;
             }
         }
         em.end_token();
@@ -303,6 +321,30 @@ struct Emitter<'a> {
 }
 
 impl Emitter<'_> {
+    fn ascii_run(&mut self, input: &str) {
+        let bytes = input.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if !bytes[i].is_ascii_alphabetic() {
+                self.ascii(bytes[i]);
+                i += 1;
+                continue;
+            }
+            // Runs of letters, the bulk of any text, are copied whole.
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            if self.tok.is_empty() {
+                self.tok_after_colon = self.last_colon;
+            }
+            let at = self.tok.len();
+            self.tok.push_str(&input[start..i]);
+            self.tok[at..].make_ascii_lowercase();
+            self.last_colon = false;
+        }
+    }
+
     #[inline]
     fn ascii(&mut self, b: u8) {
         let colon = b == b':';
@@ -456,6 +498,14 @@ impl Emitter<'_> {
         self.hist_len += 1;
     }
 
+    /// Token equality, rejecting on length and first byte before comparing:
+    /// this runs after every word, and almost every pair differs early.
+    fn same_token(&self, i: usize, j: usize) -> bool {
+        let ((a, b), (c, d)) = (self.hist[i], self.hist[j]);
+        let out = self.out.as_bytes();
+        b - a == d - c && out[a] == out[c] && out[a..b] == out[c..d]
+    }
+
     fn tok_at(&self, i: usize) -> &str {
         let (s, e) = self.hist[i];
         &self.out[s..e]
@@ -503,7 +553,7 @@ impl Emitter<'_> {
             return false;
         }
         let l = self.hist_len;
-        if (0..n).all(|k| self.tok_at(l - n + k) == self.tok_at(l - 2 * n + k)) {
+        if (0..n).all(|k| self.same_token(l - n + k, l - 2 * n + k)) {
             self.pop(n);
             return true;
         }
