@@ -32,7 +32,9 @@ use std::collections::HashMap;
 
 use rustc_hash::FxHashSet;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::nfa::contiguous::NFA;
+use aho_corasick::{AhoCorasick, Anchored, MatchKind};
 use thiserror::Error;
 
 use super::context::{ContextKind, ContextRule};
@@ -101,6 +103,8 @@ pub struct StreamState {
     early: Vec<(RuleIndex, Action)>,
     /// The agent's last final asked this screening question, unanswered.
     asked: Option<u16>,
+    /// The automaton's state at the end of `window`, if it can be resumed.
+    resume: Option<StateID>,
 }
 
 impl StreamState {
@@ -119,7 +123,10 @@ impl StreamState {
 /// The compiled rule set. Immutable and `Sync`: share one across streams.
 #[derive(Debug)]
 pub struct Matcher {
-    ac: AhoCorasick,
+    /// The automaton, driven byte by byte so that its state can be kept
+    /// between a conversation's fragments instead of rescanning the window.
+    nfa: NFA,
+    start: StateID,
     patterns: Vec<PatternInfo>,
     rules: RuleSet,
     normalizer: Normalizer,
@@ -254,10 +261,12 @@ impl Matcher {
             strings, patterns, ..
         } = lit;
         let max_literal = strings.iter().map(|s| s.len()).max().unwrap_or(0);
-        let ac = AhoCorasick::builder()
+        let nfa = NFA::builder()
             .match_kind(MatchKind::Standard)
-            .kind(Some(AhoCorasickKind::ContiguousNFA))
             .build(&strings)?;
+        let start = nfa
+            .start_state(Anchored::No)
+            .map_err(|e| BuildError::TooLarge(e.to_string()))?;
 
         let mut languages: Vec<String> = Vec::new();
         let mut rule_language = Vec::with_capacity(rules.rules.len());
@@ -325,7 +334,8 @@ impl Matcher {
                 .chain(rules.keep.iter().map(String::as_str)),
         );
         Ok(Matcher {
-            ac,
+            nfa,
+            start,
             patterns,
             normalizer: Normalizer::with_vocabulary(vocabulary),
             rules,
@@ -387,15 +397,26 @@ impl Matcher {
             buf.clear();
             buf.push_str(&state.window);
             let mut old = buf.len();
+            let mut resume = if old > 0 {
+                state.resume
+            } else {
+                Some(self.start)
+            };
             self.normalizer.normalize_into(text, &mut buf);
             // A word split across two fragments ("sui" | "cide") is one word.
             if old > 0 && buf.len() > old {
-                old = self.normalizer.join_split_at(&mut buf, old + 1);
+                let joined = self.normalizer.join_split_at(&mut buf, old + 1);
+                if joined != old + 1 {
+                    // The window's last word changed: rescan its end.
+                    old = joined;
+                    resume = None;
+                }
             }
-            let mut found = if buf.len() > old {
-                self.scan(&buf, old, !is_final)
+            let (mut found, end_state) = if buf.len() > old {
+                let (found, sid) = self.scan(&buf, old, !is_final, resume);
+                (found, Some(sid))
             } else {
-                Vec::new()
+                (Vec::new(), resume)
             };
             // What a partial already reported is not reported again, by a
             // later partial or by the final.
@@ -413,6 +434,7 @@ impl Matcher {
                     found.insert(0, d);
                 }
                 state.early.clear();
+                state.resume = end_state;
                 keep_tail(&mut state.window, &buf);
             } else {
                 for d in &mut found {
@@ -464,44 +486,64 @@ impl Matcher {
 
     /// Scans normalized `buf`, of which `buf[old..]` is new. In a partial,
     /// a rule match must be followed by at least one more word.
-    fn scan(&self, buf: &str, old: usize, partial: bool) -> Vec<Detection> {
+    fn scan(
+        &self,
+        buf: &str,
+        old: usize,
+        partial: bool,
+        resume: Option<StateID>,
+    ) -> (Vec<Detection>, StateID) {
         let bytes = buf.as_bytes();
         let mut raw: Vec<RawMatch> = Vec::new();
-        // A match reaching into the new text starts at most one literal's
-        // length before it: the rest of the window need not be scanned again.
-        let from = old.saturating_sub(self.max_literal);
-        let from = bytes[..from]
-            .iter()
-            .rposition(|&b| b == b' ')
-            .map_or(0, |i| i + 1);
-        let input = aho_corasick::Input::new(buf).span(from..buf.len());
-        for m in self.ac.find_overlapping_iter(input) {
-            if m.end() <= old {
+        // Either carry on from the state the window ended in, or rescan the
+        // window's end: a match reaching into the new text starts at most
+        // one literal's length before it.
+        let (mut sid, from) = match resume {
+            Some(sid) => (sid, old),
+            None => {
+                let from = old.saturating_sub(self.max_literal);
+                let from = bytes[..from]
+                    .iter()
+                    .rposition(|&b| b == b' ')
+                    .map_or(0, |i| i + 1);
+                (self.start, from)
+            }
+        };
+        for (at, &b) in bytes.iter().enumerate().skip(from) {
+            sid = self.nfa.next_state(Anchored::No, sid, b);
+            if !self.nfa.is_special(sid) || !self.nfa.is_match(sid) {
                 continue;
             }
-            let info = &self.patterns[m.pattern().as_usize()];
-            if info.whole_word
-                && !((m.start() == 0 || bytes[m.start() - 1] == b' ')
-                    && (m.end() == bytes.len() || bytes[m.end()] == b' '))
-            {
+            let end = at + 1;
+            if end <= old {
                 continue;
             }
-            for &target in &info.targets {
-                if partial
-                    && matches!(target, Target::Rule(_))
-                    && !words_follow(bytes, m.end(), PARTIAL_LOOKAHEAD)
+            for i in 0..self.nfa.match_len(sid) {
+                let pid = self.nfa.match_pattern(sid, i);
+                // A match can begin in text the window no longer holds.
+                let Some(start) = end.checked_sub(self.nfa.pattern_len(pid)) else {
+                    continue;
+                };
+                let info = &self.patterns[pid.as_usize()];
+                if info.whole_word
+                    && !((start == 0 || bytes[start - 1] == b' ')
+                        && (end == bytes.len() || bytes[end] == b' '))
                 {
                     continue;
                 }
-                raw.push(RawMatch {
-                    start: m.start(),
-                    end: m.end(),
-                    target,
-                });
+                for &target in &info.targets {
+                    if partial
+                        && matches!(target, Target::Rule(_))
+                        && !words_follow(bytes, end, PARTIAL_LOOKAHEAD)
+                    {
+                        continue;
+                    }
+                    raw.push(RawMatch { start, end, target });
+                }
             }
         }
         if raw.is_empty() {
-            return Vec::new();
+            return (Vec::new(), sid);
         }
         let excluded = Excluded::new(
             raw.iter()
@@ -525,7 +567,7 @@ impl Matcher {
             })
             .collect();
         if hits.is_empty() {
-            return Vec::new();
+            return (Vec::new(), sid);
         }
         hits.sort_unstable();
 
@@ -580,7 +622,7 @@ impl Matcher {
             i = j;
         }
         found.sort_by(|a, b| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule)));
-        found
+        (found, sid)
     }
 
     fn context_of(&self, lang: u16, buf: &str, start: usize, end: usize) -> Option<ContextKind> {
