@@ -81,6 +81,8 @@ pub enum BuildError {
     TooLarge(String),
     #[error("building the automaton failed: {0}")]
     Automaton(#[from] aho_corasick::BuildError),
+    #[error("the automaton has no start state: {0}")]
+    Start(#[from] aho_corasick::MatchError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,9 +266,7 @@ impl Matcher {
         let nfa = NFA::builder()
             .match_kind(MatchKind::Standard)
             .build(&strings)?;
-        let start = nfa
-            .start_state(Anchored::No)
-            .map_err(|e| BuildError::TooLarge(e.to_string()))?;
+        let start = nfa.start_state(Anchored::No)?;
 
         let mut languages: Vec<String> = Vec::new();
         let mut rule_language = Vec::with_capacity(rules.rules.len());
@@ -470,8 +470,10 @@ impl Matcher {
             answer.starts_with(y.as_str())
                 && answer.as_bytes().get(y.len()).is_none_or(|&b| b == b' ')
         });
-        yes.then(|| Detection {
-            rule: RuleIndex(u32::try_from(sc.rule).unwrap_or(u32::MAX)),
+        // Rule indices were checked to fit a u32 when the matcher was built.
+        let rule = RuleIndex(u32::try_from(sc.rule).ok()?);
+        yes.then_some(Detection {
+            rule,
             action: Action::Escalate,
             lowered_by: None,
             early: false,
