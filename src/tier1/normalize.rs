@@ -467,7 +467,10 @@ impl Emitter<'_> {
         }
         let run = std::mem::take(&mut self.run);
         if run.len() >= 3 {
-            self.commit(&run);
+            // "m m m" joins to "mmm", itself a filler.
+            if !is_filler(&run) {
+                self.commit(&run);
+            }
         } else {
             for i in 0..run.len() {
                 self.commit(&run[i..i + 1]);
@@ -739,6 +742,7 @@ mod tests {
             ("im im gonna end it", "im gonna end it"),
             ("k i l l myself", "kill myself"),
             ("k.m.s", "kms"),
+            ("m m m ok", "ok"),
             ("i a m", "iam"),
             ("qu\u{00E9} m\u{00E1}s", "que mas"),
             ("ma\u{00F1}ana", "manana"),
