@@ -7,22 +7,27 @@
 //!   literals in one automaton (patients switch languages mid-sentence), and
 //!   each text is scanned once with overlapping matches, so a short pattern
 //!   inside a longer one is still seen.
+//! * **Prefixes checked, not compiled.** A rule may require one of its
+//!   prefixes ("want to", "gonna") to end right before its phrase. Prefixes
+//!   are looked up on a match instead of multiplied into the literals, which
+//!   keeps the automaton at tens of thousands of literals, not hundreds.
 //! * **Whole words.** Patterns match only on word bounds of the normalized
-//!   text. The one exception is the joined form of a multi-word pattern
-//!   (`killmyself`, `wanttodie`), which matches anywhere inside a word: people
-//!   glue those together, and eight or more letters of crisis phrase do not
-//!   turn up inside benign words.
+//!   text. The one exception is the joined form of an unambiguous multi-word
+//!   pattern (`killmyself`, `wanttodie`), which matches anywhere inside a
+//!   word: eight or more letters of crisis phrase do not turn up inside
+//!   benign words.
 //! * **Streaming.** Each conversation keeps a short window of the patient's
-//!   recent normalized words ([`StreamState`]), so a phrase split across two
-//!   utterances or two texts is found; only matches that reach into the new
-//!   text are reported, so nothing is reported twice.
+//!   recent normalized words and the automaton's state at its end
+//!   ([`StreamState`]), so a phrase split across two utterances or two texts
+//!   is found without rescanning; only matches that reach into the new text
+//!   are reported, so nothing is reported twice.
 //! * **Partials.** A partial ASR hypothesis is matched against the window
 //!   without joining it, for the earliest warning. A match in a partial is
-//!   reported once at least one more word follows it (so that "I killed
-//!   myself…" can still become "…laughing"), and its final does not report
-//!   the same rule again.
+//!   reported once two more words follow it (so "I want to die…" can still
+//!   become "…dye my hair"), and its final does not report the rule again.
 //! * **Only the patient.** Agent and clinician lines (the 988 script itself)
-//!   never trigger; they are left to Tier 2's context window.
+//!   never trigger. The one use of the agent's words: when it asks a
+//!   screening question, the patient's "yes" is the patient's disclosure.
 //! * **Exclusions, then context.** A rule match lying wholly inside an
 //!   exclusion match is dropped. Overlapping survivors form a phrase whose
 //!   surroundings may lower `escalate` to `review`, never to nothing.

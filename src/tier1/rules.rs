@@ -417,6 +417,8 @@ struct Builder {
     rule_files: Vec<String>,
     /// The current file's `[define]` table.
     defines: BTreeMap<String, String>,
+    /// Rule text is normalized without typo repair.
+    basic: Normalizer,
 }
 
 impl Builder {
@@ -637,7 +639,6 @@ impl Builder {
                 return None;
             }
         };
-        let basic = Normalizer::basic();
         let mut out = Vec::with_capacity(expanded.len());
         let mut ok = true;
         for words in expanded {
@@ -646,7 +647,7 @@ impl Builder {
                 .map(|w| emoji_token(w).unwrap_or(w.as_str()))
                 .collect();
             let written = written.join(" ");
-            let normalized = basic.normalize(&words.join(" "));
+            let normalized = self.basic.normalize(&words.join(" "));
             if normalized.is_empty() {
                 self.errors.push(RuleError::Unmatchable {
                     file: file.to_string(),
