@@ -129,7 +129,12 @@ fn replay_reads_stdin_and_reports_bad_lines_by_number() {
 
 #[test]
 fn eval_passes_the_default_thresholds_on_every_corpus() {
-    for corpus in ["sample.jsonl", "dev.jsonl", "holdout.jsonl"] {
+    for corpus in [
+        "sample.jsonl",
+        "dev.jsonl",
+        "holdout.jsonl",
+        "holdout2.jsonl",
+    ] {
         let out = crisisd(&["eval", &data(corpus)], None);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{corpus}:\n{stdout}");

@@ -272,6 +272,33 @@ fn a_yes_to_the_screening_question_escalates() {
             &[(A, "Is Tuesday at three okay?", true), (P, "yes", true)],
             Benign,
         ),
+        // PHQ-9 item 9, answered with a frequency.
+        (
+            &[
+                (
+                    A,
+                    "How often have you had thoughts that you would be better off dead?",
+                    true,
+                ),
+                (P, "nearly every day", true),
+            ],
+            Escalate,
+        ),
+        // Asked whether they are safe, "I don't know" needs a look.
+        (
+            &[
+                (A, "Are you safe right now?", true),
+                (P, "I don't know", true),
+            ],
+            Review,
+        ),
+        (
+            &[
+                (A, "Are you safe right now?", true),
+                (P, "yes I'm safe", true),
+            ],
+            Benign,
+        ),
     ]);
 }
 

@@ -466,12 +466,12 @@ impl Matcher {
             .map(|m| self.question_of[m.pattern().as_usize()])
     }
 
-    /// A detection if the patient's normalized answer opens with an
-    /// affirmation of screening question `q`.
+    /// A detection if the patient's normalized answer to screening question
+    /// `q` opens with one of the answers that disclose risk.
     fn affirmation(&self, q: u16, answer: &str) -> Option<Detection> {
         let sc = self.rules.screening.get(usize::from(q))?;
         let answer = answer.trim_start();
-        let yes = sc.yes.iter().any(|y| {
+        let yes = sc.answers.iter().any(|y| {
             answer.starts_with(y.as_str())
                 && answer.as_bytes().get(y.len()).is_none_or(|&b| b == b' ')
         });
@@ -479,7 +479,7 @@ impl Matcher {
         let rule = RuleIndex(u32::try_from(sc.rule).ok()?);
         yes.then_some(Detection {
             rule,
-            action: Action::Escalate,
+            action: self.rules.rules[sc.rule].action,
             lowered_by: None,
             early: false,
         })

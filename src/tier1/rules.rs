@@ -104,8 +104,8 @@ pub struct Rule {
 }
 
 /// A screening question from the agent ("have you had thoughts of killing
-/// yourself?") and the patient answers that affirm it ("yes", "every day").
-/// The affirmation is what the patient says, so it is the patient's
+/// yourself?") and the patient answers that disclose risk ("yes", "every
+/// day"). The answer is what the patient says, so it is the patient's
 /// detection, under `rule`.
 #[derive(Debug, Clone)]
 pub struct Screening {
@@ -113,7 +113,7 @@ pub struct Screening {
     /// Index of the synthetic rule an affirmation is reported under.
     pub rule: usize,
     pub questions: Vec<String>,
-    pub yes: Vec<String>,
+    pub answers: Vec<String>,
 }
 
 /// Benign idioms: a rule match lying wholly inside one is dropped.
@@ -242,20 +242,22 @@ struct FileDef {
     #[serde(default, rename = "exclude")]
     exclusions: Vec<ExcludeDef>,
     #[serde(default)]
-    screening: Option<ScreeningDef>,
+    screening: Vec<ScreeningDef>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScreeningDef {
-    questions: Vec<String>,
-    yes: Vec<String>,
-    #[serde(default = "screening_category")]
+    id: String,
     category: Category,
-}
-
-fn screening_category() -> Category {
-    Category::ActiveIdeation
+    action: Action,
+    questions: Vec<String>,
+    /// Answers that disclose risk: "yes" to "have you thought of killing
+    /// yourself?", "I don't know" to "are you safe right now?".
+    answers: Vec<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    note: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -534,29 +536,29 @@ impl Builder {
                 patterns,
             });
         }
-        if let Some(sc) = def.screening {
-            let id = format!("{}.screening.affirmed", def.language);
+        for sc in def.screening {
+            let id = sc.id;
             if self.claim_id(file, &id) {
                 let mut questions = Vec::new();
                 for q in &sc.questions {
                     questions.extend(self.patterns(file, &id, q).unwrap_or_default());
                 }
-                let mut yes = Vec::new();
-                for y in &sc.yes {
-                    yes.extend(self.patterns(file, &id, y).unwrap_or_default());
+                let mut answers = Vec::new();
+                for y in &sc.answers {
+                    answers.extend(self.patterns(file, &id, y).unwrap_or_default());
                 }
                 self.rule_files.push(file.to_string());
                 self.set.screening.push(Screening {
                     language: def.language.clone(),
                     rule: self.set.rules.len(),
                     questions,
-                    yes,
+                    answers,
                 });
                 self.set.rules.push(Rule {
                     id,
                     language: def.language.clone(),
                     category: sc.category,
-                    action: Action::Escalate,
+                    action: sc.action,
                     patterns: Vec::new(),
                     prefixes: Vec::new(),
                 });
