@@ -33,9 +33,8 @@
 //!   surroundings may lower `escalate` to `review`, never to nothing.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::nfa::contiguous::NFA;
@@ -98,7 +97,10 @@ enum Target {
 
 #[derive(Debug, Clone)]
 struct PatternInfo {
-    targets: Vec<Target>,
+    /// What the literal stands for; `more` only when shared, which is rare,
+    /// so building tens of thousands of literals allocates nothing per one.
+    first: Target,
+    more: Vec<Target>,
     whole_word: bool,
 }
 
@@ -152,7 +154,7 @@ pub struct Matcher {
 
 #[derive(Default)]
 struct Literals<'a> {
-    index: HashMap<&'a str, usize>,
+    index: FxHashMap<&'a str, usize>,
     strings: Vec<&'a str>,
     patterns: Vec<PatternInfo>,
 }
@@ -162,15 +164,16 @@ impl<'a> Literals<'a> {
         let i = *self.index.entry(s).or_insert_with(|| {
             self.strings.push(s);
             self.patterns.push(PatternInfo {
-                targets: Vec::with_capacity(1),
+                first: t,
+                more: Vec::new(),
                 whole_word,
             });
             self.patterns.len() - 1
         });
         let p = &mut self.patterns[i];
         p.whole_word &= whole_word;
-        if !p.targets.contains(&t) {
-            p.targets.push(t);
+        if p.first != t && !p.more.contains(&t) {
+            p.more.push(t);
         }
     }
 }
@@ -538,7 +541,7 @@ impl Matcher {
                 {
                     continue;
                 }
-                for &target in &info.targets {
+                for &target in std::iter::once(&info.first).chain(&info.more) {
                     if partial
                         && matches!(target, Target::Rule(_))
                         && !words_follow(bytes, end, PARTIAL_LOOKAHEAD)
