@@ -86,33 +86,58 @@ pub fn figures(cases: &[Scored]) -> Figures {
     }
 }
 
+/// Which way a figure must lie from its threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Min,
+    Max,
+}
+
 impl Figures {
+    /// Each figure with its name, threshold and the threshold's direction.
+    pub fn rows(&self, t: &Thresholds) -> [(&'static str, Option<f64>, Bound, f64); 4] {
+        [
+            (
+                "tier1-recall",
+                self.tier1_recall,
+                Bound::Min,
+                t.min_tier1_recall,
+            ),
+            (
+                "safety-recall",
+                self.safety_recall,
+                Bound::Min,
+                t.min_safety_recall,
+            ),
+            (
+                "false-escalation",
+                self.false_escalation,
+                Bound::Max,
+                t.max_false_escalation,
+            ),
+            (
+                "review-load",
+                self.review_load,
+                Bound::Max,
+                t.max_review_load,
+            ),
+        ]
+    }
+
     /// The figures that miss their threshold, as `name value bound` triples.
+    /// A figure with nothing to count (no case of its label) cannot miss.
     pub fn failures(&self, t: &Thresholds) -> Vec<(&'static str, f64, f64)> {
-        let mut out = Vec::new();
-        let mut low = |name, v: Option<f64>, min: f64| {
-            if let Some(v) = v
-                && v < min
-            {
-                out.push((name, v, min));
-            }
-        };
-        low("tier1-recall", self.tier1_recall, t.min_tier1_recall);
-        low("safety-recall", self.safety_recall, t.min_safety_recall);
-        let mut high = |name, v: Option<f64>, max: f64| {
-            if let Some(v) = v
-                && v > max
-            {
-                out.push((name, v, max));
-            }
-        };
-        high(
-            "false-escalation",
-            self.false_escalation,
-            t.max_false_escalation,
-        );
-        high("review-load", self.review_load, t.max_review_load);
-        out
+        self.rows(t)
+            .into_iter()
+            .filter_map(|(name, v, dir, bound)| {
+                let v = v?;
+                let missed = match dir {
+                    Bound::Min => v < bound,
+                    Bound::Max => v > bound,
+                };
+                missed.then_some((name, v, bound))
+            })
+            .collect()
     }
 }
 
@@ -190,30 +215,13 @@ pub fn report(cases: &[Scored], t: &Thresholds) -> String {
 
     let f = figures(cases);
     let _ = writeln!(s, "\nfigures");
-    let _ = writeln!(
-        s,
-        "  tier1-recall      {}  (min {})",
-        fig(f.tier1_recall),
-        t.min_tier1_recall
-    );
-    let _ = writeln!(
-        s,
-        "  safety-recall     {}  (min {})",
-        fig(f.safety_recall),
-        t.min_safety_recall
-    );
-    let _ = writeln!(
-        s,
-        "  false-escalation  {}  (max {})",
-        fig(f.false_escalation),
-        t.max_false_escalation
-    );
-    let _ = writeln!(
-        s,
-        "  review-load       {}  (max {})",
-        fig(f.review_load),
-        t.max_review_load
-    );
+    for (name, v, dir, bound) in f.rows(t) {
+        let dir = match dir {
+            Bound::Min => "min",
+            Bound::Max => "max",
+        };
+        let _ = writeln!(s, "  {name:<17} {}  ({dir} {bound})", fig(v));
+    }
     let fails = f.failures(t);
     let summary = format!(
         "tier1-recall={} safety-recall={} false-escalation={} review-load={} cases={}",
