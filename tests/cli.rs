@@ -134,6 +134,7 @@ fn eval_passes_the_default_thresholds_on_every_corpus() {
         "dev.jsonl",
         "holdout.jsonl",
         "holdout2.jsonl",
+        "holdout3.jsonl",
     ] {
         let out = crisisd(&["eval", &data(corpus)], None);
         let stdout = text(&out.stdout);

@@ -181,8 +181,15 @@ impl<'a> Literals<'a> {
 /// The set of word sequences one of which must end right before a match.
 #[derive(Debug)]
 struct Prefixes {
-    set: FxHashSet<Box<str>>,
+    /// Hashes of the prefixes: building a matcher hashes thousands of them
+    /// and allocates none. A collision could only make a rule fire.
+    set: FxHashSet<u64>,
     max_words: usize,
+}
+
+fn prefix_hash(s: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(s)
 }
 
 impl Prefixes {
@@ -212,7 +219,7 @@ impl Prefixes {
         while words < self.max_words {
             let from = head[..i].rfind(' ').map_or(0, |sp| sp + 1);
             words += 1;
-            if self.set.contains(&head[from..]) {
+            if self.set.contains(&prefix_hash(&head[from..])) {
                 best = Some(from);
             }
             if from == 0 {
@@ -298,7 +305,7 @@ impl Matcher {
             .iter()
             .map(|r| {
                 (!r.prefixes.is_empty()).then(|| Prefixes {
-                    set: r.prefixes.iter().map(|p| Box::from(p.as_str())).collect(),
+                    set: r.prefixes.iter().map(|p| prefix_hash(p)).collect(),
                     max_words: r
                         .prefixes
                         .iter()

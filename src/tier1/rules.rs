@@ -203,7 +203,9 @@ pub enum RuleError {
         phrase: String,
         name: String,
     },
-    #[error("{file}: vocabulary word {word:?} must be lowercase ASCII letters, four or more")]
+    #[error(
+        "{file}: vocabulary word {word:?} must be lowercase ASCII letters (four or more to repair to, three or more to keep)"
+    )]
     BadVocabulary { file: String, word: String },
     #[error("{file}: context `{kind}`: {message}")]
     Context {
@@ -444,8 +446,11 @@ impl Builder {
                 language: def.language.clone(),
             });
         }
-        for w in def.vocabulary.repair.iter().chain(&def.vocabulary.keep) {
-            if w.len() < 4 || !w.bytes().all(|b| b.is_ascii_lowercase()) {
+        // Repair targets need four letters to be distinctive; kept words
+        // need three, the shortest a repair ever touches.
+        let words = def.vocabulary.repair.iter().map(|w| (w, 4));
+        for (w, min) in words.chain(def.vocabulary.keep.iter().map(|w| (w, 3))) {
+            if w.len() < min || !w.bytes().all(|b| b.is_ascii_lowercase()) {
                 self.errors.push(RuleError::BadVocabulary {
                     file: file.to_string(),
                     word: w.clone(),
