@@ -140,11 +140,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn load_rules(dir: Option<&Path>) -> Loaded {
     match dir {
         Some(d) => RuleSet::load_dir(d),
-        None => RuleSet::from_sources(
-            crisisd::tier1::rules::BUILTIN
-                .iter()
-                .map(|(f, t)| (f.to_string(), t.to_string())),
-        ),
+        None => RuleSet::load_builtin(),
     }
 }
 

@@ -333,7 +333,12 @@ impl RuleSet {
     /// The shipped rules. They are checked by the test suite, so a failure
     /// here is a build defect, reported rather than panicking.
     pub fn builtin() -> Result<RuleSet, Vec<RuleError>> {
-        Self::from_sources(BUILTIN.iter().map(|(f, t)| (f.to_string(), t.to_string()))).rules
+        Self::load_builtin().rules
+    }
+
+    /// The shipped rules with their warnings, for `check-rules`.
+    pub fn load_builtin() -> Loaded {
+        Self::from_sources(BUILTIN.iter().map(|(f, t)| (f.to_string(), t.to_string())))
     }
 
     /// Loads every `<language>.toml` in `dir` (a two- or three-letter
@@ -838,8 +843,7 @@ mod tests {
 
     #[test]
     fn builtin_rules_load_cleanly() {
-        let loaded =
-            RuleSet::from_sources(BUILTIN.iter().map(|(f, t)| (f.to_string(), t.to_string())));
+        let loaded = RuleSet::load_builtin();
         if let Err(es) = &loaded.rules {
             panic!(
                 "{}",
