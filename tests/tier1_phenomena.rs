@@ -97,6 +97,21 @@ fn texting_slang_escalates() {
 }
 
 #[test]
+fn phrases_match_whole_words_and_joined_forms_match_inside_words() {
+    check_texts(&[
+        ("i want to die", Escalate),
+        ("i want to diet before summer", Benign), // not "die"
+        ("i want to kill myselfies", Benign),     // not "myself"
+        ("we kill mosquitos myself", Benign),     // words apart
+        ("honestly iwanttokillmyself", Escalate), // joined, inside a word
+        ("killmyselfnow", Escalate),              // joined, then more letters
+        ("lolendmylifeplz", Escalate),            // joined, mid-word
+        ("kms", Escalate),                        // a word of its own
+        ("kmsx", Benign),                         // short forms stay whole
+    ]);
+}
+
+#[test]
 fn variants_and_unicode_tricks_are_seen_through() {
     check_texts(&[
         ("I WANT TO END MY LIFE", Escalate),               // case

@@ -11,10 +11,13 @@
 //!   prefixes ("want to", "gonna") to end right before its phrase. Prefixes
 //!   are looked up on a match instead of multiplied into the literals, which
 //!   keeps the automaton at tens of thousands of literals, not hundreds.
-//! * **Whole words.** Patterns match only on word bounds of the normalized
-//!   text. The one exception is the joined form of an unambiguous multi-word
-//!   pattern (`killmyself`, `wanttodie`), which matches anywhere inside a
-//!   word: eight or more letters of crisis phrase do not turn up inside
+//! * **Whole words, one step per word.** The automaton runs over words, not
+//!   letters: each word a rule uses has a two-byte code and every other word
+//!   sends the automaton back to its start. A phrase therefore matches only
+//!   on word bounds, and a text costs one table lookup per word. The one
+//!   exception is the joined form of an unambiguous multi-word pattern
+//!   (`killmyself`, `wanttodie`), looked for inside every word of eight or
+//!   more letters: that many letters of crisis phrase do not turn up inside
 //!   benign words.
 //! * **Streaming.** Each conversation keeps a short window of the patient's
 //!   recent normalized words and the automaton's state at its end
@@ -44,6 +47,7 @@ use thiserror::Error;
 use super::context::{ContextKind, ContextRule};
 use super::normalize::{Normalizer, Vocabulary};
 use super::rules::{Action, Rule, RuleSet};
+use super::words::WordTable;
 use crate::domain::Speaker;
 
 /// Joined forms shorter than this stay whole-word only.
@@ -101,7 +105,9 @@ struct PatternInfo {
     /// so building tens of thousands of literals allocates nothing per one.
     first: Target,
     more: Vec<Target>,
-    whole_word: bool,
+    /// Length of the literal in normalized text, where its match begins
+    /// before its end.
+    len: usize,
 }
 
 /// Per-conversation matching state: the patient's recent words and what
@@ -132,11 +138,17 @@ impl StreamState {
 /// The compiled rule set. Immutable and `Sync`: share one across streams.
 #[derive(Debug)]
 pub struct Matcher {
-    /// The automaton, driven byte by byte so that its state can be kept
-    /// between a conversation's fragments instead of rescanning the window.
+    /// The automaton over words: each word a rule uses is a two-byte code,
+    /// every other word sends it back to its start. Driven code by code so
+    /// that its state can be kept between a conversation's fragments.
     nfa: NFA,
     start: StateID,
     patterns: Vec<PatternInfo>,
+    /// Word → its code in `nfa`.
+    words: WordTable,
+    /// Joined forms, matched inside words of at least `MIN_JOINED_LEN`.
+    joined: Option<AhoCorasick>,
+    joined_patterns: Vec<PatternInfo>,
     rules: RuleSet,
     normalizer: Normalizer,
     /// Context rules per rule language, indexed like `languages`.
@@ -160,22 +172,31 @@ struct Literals<'a> {
 }
 
 impl<'a> Literals<'a> {
-    fn add(&mut self, s: &'a str, whole_word: bool, t: Target) {
+    fn add(&mut self, s: &'a str, t: Target) {
         let i = *self.index.entry(s).or_insert_with(|| {
             self.strings.push(s);
             self.patterns.push(PatternInfo {
                 first: t,
                 more: Vec::new(),
-                whole_word,
+                len: s.len(),
             });
             self.patterns.len() - 1
         });
         let p = &mut self.patterns[i];
-        p.whole_word &= whole_word;
         if p.first != t && !p.more.contains(&t) {
             p.more.push(t);
         }
     }
+}
+
+/// Codes of at most this many words fit in two bytes.
+const MAX_WORDS: usize = 1 << 14;
+
+/// The two-byte code of word number `i`. The first byte has its high bit
+/// set and the second does not, so a coded literal can only match at a
+/// word's first byte: word bounds come for free.
+fn word_code(i: usize) -> [u8; 2] {
+    [0x80 | (i >> 7) as u8, (i & 0x7f) as u8]
 }
 
 /// The set of word sequences one of which must end right before a match.
@@ -259,29 +280,52 @@ impl Matcher {
             .collect();
         // Literals borrowed from the rule set; duplicates share one entry.
         let mut lit = Literals::default();
+        let mut joined_lit = Literals::default();
         for (i, r) in rules.rules.iter().enumerate() {
             let t = Target::Rule(u32::try_from(i).map_err(|_| too_large("rules"))?);
             for p in &r.patterns {
-                lit.add(p, true, t);
+                lit.add(p, t);
             }
             for j in &joined[i] {
-                lit.add(j, false, t);
+                joined_lit.add(j, t);
             }
         }
         for (i, x) in rules.exclusions.iter().enumerate() {
             let t = Target::Exclusion(u32::try_from(i).map_err(|_| too_large("exclusions"))?);
             for p in &x.patterns {
-                lit.add(p, true, t);
+                lit.add(p, t);
             }
         }
-        let Literals {
-            strings, patterns, ..
-        } = lit;
-        let max_literal = strings.iter().map(|s| s.len()).max().unwrap_or(0);
+        let max_literal = lit.strings.iter().map(|s| s.len()).max().unwrap_or(0);
+        // Each literal becomes the codes of its words.
+        let mut words = WordTable::with_capacity(4096);
+        let mut coded: Vec<u8> = Vec::new();
+        let mut bounds: Vec<usize> = Vec::with_capacity(lit.strings.len() + 1);
+        bounds.push(0);
+        for s in &lit.strings {
+            for w in s.split(' ') {
+                coded.extend_from_slice(&words.insert_with(w.as_bytes(), word_code));
+            }
+            bounds.push(coded.len());
+        }
+        if words.len() > MAX_WORDS {
+            return Err(too_large("distinct words"));
+        }
         let nfa = NFA::builder()
             .match_kind(MatchKind::Standard)
-            .build(&strings)?;
+            .build(bounds.windows(2).map(|b| &coded[b[0]..b[1]]))?;
         let start = nfa.start_state(Anchored::No)?;
+        let patterns = lit.patterns;
+        let joined = if joined_lit.strings.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::Standard)
+                    .build(&joined_lit.strings)?,
+            )
+        };
+        let joined_patterns = joined_lit.patterns;
 
         let mut languages: Vec<String> = Vec::new();
         let mut rule_language = Vec::with_capacity(rules.rules.len());
@@ -352,6 +396,9 @@ impl Matcher {
             nfa,
             start,
             patterns,
+            words,
+            joined,
+            joined_patterns,
             normalizer: Normalizer::with_vocabulary(vocabulary),
             rules,
             context,
@@ -526,36 +573,54 @@ impl Matcher {
                 (self.start, from)
             }
         };
-        for (at, &b) in bytes.iter().enumerate().skip(from) {
-            sid = self.nfa.next_state(Anchored::No, sid, b);
-            if !self.nfa.is_special(sid) || !self.nfa.is_match(sid) {
-                continue;
-            }
-            let end = at + 1;
-            if end <= old {
-                continue;
-            }
-            for i in 0..self.nfa.match_len(sid) {
-                let pid = self.nfa.match_pattern(sid, i);
-                // A match can begin in text the window no longer holds.
-                let Some(start) = end.checked_sub(self.nfa.pattern_len(pid)) else {
-                    continue;
-                };
-                let info = &self.patterns[pid.as_usize()];
-                if info.whole_word
-                    && !((start == 0 || bytes[start - 1] == b' ')
-                        && (end == bytes.len() || bytes[end] == b' '))
+        let mut push = |info: &PatternInfo, end: usize| {
+            // A match can begin in text the window no longer holds.
+            let Some(start) = end.checked_sub(info.len) else {
+                return;
+            };
+            for &target in std::iter::once(&info.first).chain(&info.more) {
+                if partial
+                    && matches!(target, Target::Rule(_))
+                    && !words_follow(bytes, end, PARTIAL_LOOKAHEAD)
                 {
                     continue;
                 }
-                for &target in std::iter::once(&info.first).chain(&info.more) {
-                    if partial
-                        && matches!(target, Target::Rule(_))
-                        && !words_follow(bytes, end, PARTIAL_LOOKAHEAD)
-                    {
-                        continue;
+                raw.push(RawMatch { start, end, target });
+            }
+        };
+        let mut at = from;
+        while at < bytes.len() {
+            if bytes[at] == b' ' {
+                at += 1;
+                continue;
+            }
+            let ws = at;
+            let we = bytes[ws..]
+                .iter()
+                .position(|&b| b == b' ')
+                .map_or(bytes.len(), |p| ws + p);
+            at = we;
+            match self.words.get(&bytes[ws..we]) {
+                Some([hi, lo]) => {
+                    // The first byte of a code never ends a literal.
+                    sid = self.nfa.next_state(Anchored::No, sid, hi);
+                    sid = self.nfa.next_state(Anchored::No, sid, lo);
+                    if we > old && self.nfa.is_special(sid) && self.nfa.is_match(sid) {
+                        for i in 0..self.nfa.match_len(sid) {
+                            let pid = self.nfa.match_pattern(sid, i);
+                            push(&self.patterns[pid.as_usize()], we);
+                        }
                     }
-                    raw.push(RawMatch { start, end, target });
+                }
+                // No literal holds this word: every partial match dies.
+                None => sid = self.start,
+            }
+            if we - ws >= MIN_JOINED_LEN
+                && we > old
+                && let Some(ac) = &self.joined
+            {
+                for m in ac.find_overlapping_iter(&buf[ws..we]) {
+                    push(&self.joined_patterns[m.pattern().as_usize()], ws + m.end());
                 }
             }
         }

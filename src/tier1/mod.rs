@@ -11,6 +11,7 @@ pub mod matcher;
 pub mod normalize;
 pub mod phrase;
 pub mod rules;
+mod words;
 
 pub use context::ContextKind;
 pub use matcher::{Detection, Matcher, RuleIndex, StreamState};

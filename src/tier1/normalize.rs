@@ -26,7 +26,7 @@
 //! Normalization is idempotent and never fails; the property tests in this
 //! module hold it to both.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet;
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
@@ -92,7 +92,7 @@ pub struct Vocabulary {
     /// rejected by one lookup, before any comparison.
     lengths: [u64; 26],
     /// Words that are already right and must not be rewritten.
-    known: HashSet<Box<str>>,
+    known: FxHashSet<Box<str>>,
 }
 
 impl Vocabulary {
@@ -103,7 +103,7 @@ impl Vocabulary {
         known: impl IntoIterator<Item = &'a str>,
     ) -> Self {
         let mut by_first: Vec<Vec<Box<str>>> = vec![Vec::new(); 26];
-        let mut known_set: HashSet<Box<str>> = HashSet::new();
+        let mut known_set: FxHashSet<Box<str>> = FxHashSet::default();
         for w in repair {
             let Some(&b) = w.as_bytes().first() else {
                 continue;
@@ -126,7 +126,7 @@ impl Vocabulary {
         let mut v = Vocabulary {
             by_first,
             lengths,
-            known: HashSet::new(),
+            known: FxHashSet::default(),
         };
         // Only known words that a repair would otherwise rewrite need
         // remembering; the rest cannot be confused with the vocabulary.

@@ -1,0 +1,162 @@
+//! A fixed table from the words the rules use to their codes in the
+//! automaton, looked up once for every word of every text.
+//!
+//! Why not a `HashMap<Box<str>, _>`: normalized words are short, and the
+//! general map spends most of a lookup hashing through a `Hasher` and
+//! comparing keys through `memcmp`. This table hashes whole 8-byte chunks,
+//! keeps the full hash in each slot so a mismatch is rejected without
+//! touching the key, and compares the key only on a hash hit.
+
+/// A slot; `hash == 0` marks it empty (real hashes have their low bit set).
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    hash: u64,
+    at: u32,
+    len: u32,
+    code: [u8; 2],
+}
+
+/// Word → two-byte code. Built once; read-only afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct WordTable {
+    slots: Vec<Slot>,
+    keys: Vec<u8>,
+    len: usize,
+}
+
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn hash(w: &[u8]) -> u64 {
+    let mut h = w.len() as u64;
+    let mut chunks = w.chunks_exact(8);
+    for c in &mut chunks {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut b = [0u8; 8];
+        b[..rest.len()].copy_from_slice(rest);
+        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+    }
+    (h ^ (h >> 29)) | 1
+}
+
+/// Byte equality without a call into `memcmp`, which costs more than the
+/// comparison itself for keys this short.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+impl WordTable {
+    /// A table with room for `n` words at a load of at most one half.
+    pub fn with_capacity(n: usize) -> Self {
+        let size = (2 * n.max(4)).next_power_of_two();
+        WordTable {
+            slots: vec![Slot::default(); size],
+            keys: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    fn key(&self, s: &Slot) -> &[u8] {
+        &self.keys[s.at as usize..(s.at + s.len) as usize]
+    }
+
+    /// The slot holding `w`, or the empty slot where it would go.
+    fn find(&self, w: &[u8], h: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        // The high bits are the best mixed.
+        let mut i = (h >> 40) as usize & mask;
+        loop {
+            let s = &self.slots[i];
+            if s.hash == 0 || (s.hash == h && same(self.key(s), w)) {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    pub fn get(&self, w: &[u8]) -> Option<[u8; 2]> {
+        let s = &self.slots[self.find(w, hash(w))];
+        (s.hash != 0).then_some(s.code)
+    }
+
+    /// Adds `w` with the code `make` gives it, unless already present;
+    /// returns its code. Grows as needed.
+    pub fn insert_with(&mut self, w: &[u8], make: impl FnOnce(usize) -> [u8; 2]) -> [u8; 2] {
+        if 2 * (self.len + 1) > self.slots.len() {
+            self.grow();
+        }
+        let h = hash(w);
+        let i = self.find(w, h);
+        if self.slots[i].hash != 0 {
+            return self.slots[i].code;
+        }
+        let code = make(self.len);
+        // Keys are words of rule phrases, far below 4 GiB in all.
+        self.slots[i] = Slot {
+            hash: h,
+            at: self.keys.len() as u32,
+            len: w.len() as u32,
+            code,
+        };
+        self.keys.extend_from_slice(w);
+        self.len += 1;
+        code
+    }
+
+    fn grow(&mut self) {
+        let old = std::mem::take(&mut self.slots);
+        self.slots = vec![Slot::default(); (old.len() * 2).max(8)];
+        for s in old.into_iter().filter(|s| s.hash != 0) {
+            let mask = self.slots.len() - 1;
+            let mut j = (s.hash >> 40) as usize & mask;
+            while self.slots[j].hash != 0 {
+                j = (j + 1) & mask;
+            }
+            self.slots[j] = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_what_was_inserted_and_nothing_else() {
+        let mut t = WordTable::with_capacity(2);
+        let words: Vec<String> = (0..5000).map(|i| format!("w{i}")).collect();
+        for (i, w) in words.iter().enumerate() {
+            let c = t.insert_with(w.as_bytes(), |n| [(n >> 8) as u8, n as u8]);
+            assert_eq!(c, [(i >> 8) as u8, i as u8]);
+        }
+        // Inserting again keeps the first code.
+        assert_eq!(t.insert_with(b"w7", |_| [9, 9]), [0, 7]);
+        assert_eq!(t.len(), 5000);
+        for (i, w) in words.iter().enumerate() {
+            assert_eq!(t.get(w.as_bytes()), Some([(i >> 8) as u8, i as u8]), "{w}");
+        }
+        for miss in ["", "w", "w5000", "w12345678901234567", "x1"] {
+            assert_eq!(t.get(miss.as_bytes()), None, "{miss}");
+        }
+    }
+
+    #[test]
+    fn long_and_empty_keys() {
+        let mut t = WordTable::with_capacity(4);
+        let long = "a".repeat(40);
+        t.insert_with(long.as_bytes(), |_| [1, 1]);
+        t.insert_with(b"", |_| [2, 2]);
+        assert_eq!(t.get(long.as_bytes()), Some([1, 1]));
+        assert_eq!(t.get(&long.as_bytes()[1..]), None);
+        assert_eq!(t.get(b""), Some([2, 2]));
+    }
+}
