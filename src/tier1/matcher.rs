@@ -712,21 +712,32 @@ impl Matcher {
         if rules.is_empty() {
             return None;
         }
-        // Context reaches a few words at most; never split a long text whole.
-        let mut before: Vec<&str> = buf[..start]
-            .rsplit(' ')
-            .filter(|w| !w.is_empty())
-            .take(CONTEXT_WORDS)
-            .collect();
+        // Context reaches a few words at most; never split a long text
+        // whole, and keep the words on the stack: this runs for every match.
+        let mut before = [""; CONTEXT_WORDS];
+        let mut nb = 0;
+        for w in buf[..start].rsplit(' ').filter(|w| !w.is_empty()) {
+            if nb == CONTEXT_WORDS {
+                break;
+            }
+            before[nb] = w;
+            nb += 1;
+        }
+        let before = &mut before[..nb];
         before.reverse();
-        let after: Vec<&str> = buf[end..]
-            .split(' ')
-            .filter(|w| !w.is_empty())
-            .take(CONTEXT_WORDS)
-            .collect();
+        let mut after = [""; CONTEXT_WORDS];
+        let mut na = 0;
+        for w in buf[end..].split(' ').filter(|w| !w.is_empty()) {
+            if na == CONTEXT_WORDS {
+                break;
+            }
+            after[na] = w;
+            na += 1;
+        }
+        let (before, after) = (&*before, &after[..na]);
         rules
             .iter()
-            .find(|c| c.applies(&before, &after))
+            .find(|c| c.applies(before, after))
             .map(|c| c.kind)
     }
 }

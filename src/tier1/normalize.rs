@@ -34,6 +34,14 @@ use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 /// Tokens of history kept while normalizing one text.
 const HIST: usize = 4;
 
+/// An ASCII byte that ends a word and means nothing else: not a letter or
+/// digit, not an apostrophe (dropped inside words), not a symbol that may
+/// stand for a letter, not the colon of an emoji shortcode.
+#[inline]
+fn is_plain_break(b: u8) -> bool {
+    !(b.is_ascii_alphanumeric() || matches!(b, b':' | b'\'' | b'`' | b'@' | b'$' | b'!' | b'|'))
+}
+
 /// Emoji that carry risk in a patient's words, and the token each becomes.
 /// Crisis Text Line found the pill emoji more predictive than the word
 /// "suicide"; the others name a method or death itself.
@@ -140,6 +148,7 @@ impl Vocabulary {
     }
 
     /// Whether `a` followed by `b` spells a repair target (a split word).
+    #[inline]
     fn is_target_pair(&self, a: &str, b: &str) -> bool {
         let Some(&first) = a.as_bytes().first() else {
             return false;
@@ -149,6 +158,11 @@ impl Vocabulary {
         {
             return false;
         }
+        self.is_target_pair_slow(a, b, first)
+    }
+
+    #[cold]
+    fn is_target_pair_slow(&self, a: &str, b: &str, first: u8) -> bool {
         self.by_first
             .get(usize::from(first - b'a'))
             .is_some_and(|bucket| {
@@ -160,15 +174,24 @@ impl Vocabulary {
 
     /// The repair target for `token`, if it is one edit from exactly the
     /// vocabulary (first letter kept) and not itself a known word.
+    #[inline]
     fn repair(&self, token: &str) -> Option<&str> {
         let bytes = token.as_bytes();
         if bytes.len() < 3 || !bytes[0].is_ascii_lowercase() {
             return None;
         }
+        // Runs on every word: the length mask turns nearly all away here.
         let near = 0b111u64 << (bytes.len() - 1).min(61);
-        if self.lengths[usize::from(bytes[0] - b'a')] & near == 0
-            || !bytes.iter().all(u8::is_ascii_lowercase)
-        {
+        if self.lengths[usize::from(bytes[0] - b'a')] & near == 0 {
+            return None;
+        }
+        self.repair_near(token)
+    }
+
+    #[cold]
+    fn repair_near(&self, token: &str) -> Option<&str> {
+        let bytes = token.as_bytes();
+        if !bytes.iter().all(u8::is_ascii_lowercase) {
             return None;
         }
         let bucket = self.by_first.get(usize::from(bytes[0] - b'a'))?;
@@ -268,6 +291,7 @@ impl Normalizer {
             hist_len: 0,
             run: String::new(),
             tok: String::with_capacity(32),
+            plain: String::with_capacity(32),
             last_colon: false,
             tok_after_colon: false,
         };
@@ -314,6 +338,8 @@ struct Emitter<'a> {
     run: String,
     /// The word being read.
     tok: String,
+    /// Scratch for a plain word on its direct path.
+    plain: String,
     /// The previous character was a `:`.
     last_colon: bool,
     /// The word being read began right after a `:` (a `:pill:` shortcode).
@@ -325,8 +351,14 @@ impl Emitter<'_> {
         let bytes = input.as_bytes();
         let mut i = 0;
         while i < bytes.len() {
-            if !bytes[i].is_ascii_alphabetic() {
-                self.ascii(bytes[i]);
+            let b = bytes[i];
+            if !b.is_ascii_alphabetic() {
+                // Between words, a break changes nothing but the colon flag.
+                if self.tok.is_empty() && is_plain_break(b) {
+                    self.last_colon = false;
+                } else {
+                    self.ascii(b);
+                }
                 i += 1;
                 continue;
             }
@@ -334,6 +366,23 @@ impl Emitter<'_> {
             let start = i;
             while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
                 i += 1;
+            }
+            // A word of letters alone, between plain breaks, needs no
+            // cleaning: it goes straight to the word steps. (At the run's
+            // end the word may go on in a non-ASCII letter, so not there.)
+            let len = i - start;
+            if self.tok.is_empty()
+                && !self.last_colon
+                && len >= 2
+                && bytes.get(i).is_some_and(|&b| is_plain_break(b))
+            {
+                let mut w = std::mem::take(&mut self.plain);
+                w.clear();
+                w.push_str(&input[start..i]);
+                w.make_ascii_lowercase();
+                self.word_owned(&w);
+                self.plain = w;
+                continue;
             }
             if self.tok.is_empty() {
                 self.tok_after_colon = self.last_colon;
@@ -501,12 +550,14 @@ impl Emitter<'_> {
         self.hist_len += 1;
     }
 
-    /// Token equality, rejecting on length and first byte before comparing:
-    /// this runs after every word, and almost every pair differs early.
+    /// Token equality, rejecting on length before comparing: this runs
+    /// after every word, and almost every pair differs early.
+    #[inline]
     fn same_token(&self, i: usize, j: usize) -> bool {
         let ((a, b), (c, d)) = (self.hist[i], self.hist[j]);
         let out = self.out.as_bytes();
-        b - a == d - c && out[a] == out[c] && out[a..b] == out[c..d]
+        // By hand: for words this short a call into memcmp costs more.
+        b - a == d - c && out[a..b].iter().zip(&out[c..d]).all(|(x, y)| x == y)
     }
 
     fn tok_at(&self, i: usize) -> &str {
@@ -529,6 +580,7 @@ impl Emitter<'_> {
 
     /// `sui cide` → `suicide`, `my self` → `myself`: two words that together
     /// are a crisis vocabulary word become that word.
+    #[inline]
     fn merge_split_word(&mut self) -> bool {
         if self.hist_len < 2 {
             return false;
@@ -551,16 +603,18 @@ impl Emitter<'_> {
 
     /// Collapses an immediate repeat of the last `n` words: `i i` → `i`,
     /// `all the all the` → `all the`.
+    #[inline]
     fn collapse_repeat(&mut self, n: usize) -> bool {
-        if self.hist_len < 2 * n {
-            return false;
-        }
         let l = self.hist_len;
-        if (0..n).all(|k| self.same_token(l - n + k, l - 2 * n + k)) {
+        let repeated = match n {
+            1 => l >= 2 && self.same_token(l - 1, l - 2),
+            2 => l >= 4 && self.same_token(l - 1, l - 3) && self.same_token(l - 2, l - 4),
+            _ => false,
+        };
+        if repeated {
             self.pop(n);
-            return true;
         }
-        false
+        repeated
     }
 }
 
