@@ -12,7 +12,7 @@
 //! or anywhere within `reach` words before or after it, not crossing a
 //! `barrier` word such as "but" that starts a new thought.
 
-use std::collections::HashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use serde::Deserialize;
 
@@ -44,19 +44,61 @@ impl ContextKind {
 #[derive(Debug, Clone)]
 pub struct ContextRule {
     pub kind: ContextKind,
-    /// Cue phrases looked for before the match, as word lists.
-    pub before: Vec<Vec<String>>,
-    /// Cue phrases looked for after the match.
-    pub after: Vec<Vec<String>>,
     /// A `before` cue must end right before the match (skip words aside).
     pub adjacent: bool,
     /// How many words away a cue may stand (or be skipped, when adjacent).
     pub reach: usize,
-    pub skip: HashSet<String>,
-    pub barriers: HashSet<String>,
+    /// Cue phrases looked for before the match, as word lists.
+    before: Vec<Vec<String>>,
+    /// Cue phrases looked for after the match.
+    after: Vec<Vec<String>>,
+    skip: FxHashSet<String>,
+    barriers: FxHashSet<String>,
+    /// Cues by the word they end or begin with: this runs on every match,
+    /// and a kind has a hundred cues or more once phrases are expanded, so
+    /// each word of context looks up the few cues it could belong to.
+    before_by_last: FxHashMap<String, Vec<usize>>,
+    before_by_first: FxHashMap<String, Vec<usize>>,
+    after_by_first: FxHashMap<String, Vec<usize>>,
+}
+
+fn index(
+    cues: &[Vec<String>],
+    key: impl Fn(&[String]) -> Option<&String>,
+) -> FxHashMap<String, Vec<usize>> {
+    let mut m: FxHashMap<String, Vec<usize>> = FxHashMap::default();
+    for (i, c) in cues.iter().enumerate() {
+        if let Some(w) = key(c) {
+            m.entry(w.clone()).or_default().push(i);
+        }
+    }
+    m
 }
 
 impl ContextRule {
+    pub fn new(
+        kind: ContextKind,
+        before: Vec<Vec<String>>,
+        after: Vec<Vec<String>>,
+        adjacent: bool,
+        reach: usize,
+        skip: impl IntoIterator<Item = String>,
+        barriers: impl IntoIterator<Item = String>,
+    ) -> Self {
+        ContextRule {
+            kind,
+            adjacent,
+            reach,
+            before_by_last: index(&before, |c| c.last()),
+            before_by_first: index(&before, |c| c.first()),
+            after_by_first: index(&after, |c| c.first()),
+            before,
+            after,
+            skip: skip.into_iter().collect(),
+            barriers: barriers.into_iter().collect(),
+        }
+    }
+
     /// Whether this context holds, given the words before the match (in text
     /// order) and after it.
     pub fn applies(&self, before: &[&str], after: &[&str]) -> bool {
@@ -70,16 +112,24 @@ impl ContextRule {
         if self.adjacent {
             let mut end = before.len();
             let mut skipped = 0;
-            loop {
-                if self.before.iter().any(|c| ends_with(&before[..end], c)) {
+            while end > 0 {
+                if self
+                    .before_by_last
+                    .get(before[end - 1])
+                    .is_some_and(|cues| {
+                        cues.iter()
+                            .any(|&c| ends_with(&before[..end], &self.before[c]))
+                    })
+                {
                     return true;
                 }
-                if end == 0 || skipped >= self.reach || !self.skip.contains(before[end - 1]) {
+                if skipped >= self.reach || !self.skip.contains(before[end - 1]) {
                     return false;
                 }
                 end -= 1;
                 skipped += 1;
             }
+            return false;
         }
         let lo = before.len().saturating_sub(self.reach);
         let region = &before[lo..];
@@ -87,8 +137,7 @@ impl ContextRule {
             .iter()
             .rposition(|w| self.barriers.contains(*w))
             .map_or(0, |i| i + 1);
-        let region = &region[start..];
-        self.before.iter().any(|c| contains(region, c))
+        contains(&region[start..], &self.before, &self.before_by_first)
     }
 
     fn applies_after(&self, after: &[&str]) -> bool {
@@ -100,7 +149,7 @@ impl ContextRule {
             .iter()
             .position(|w| self.barriers.contains(*w))
             .unwrap_or(region.len());
-        self.after.iter().any(|c| contains(&region[..end], c))
+        contains(&region[..end], &self.after, &self.after_by_first)
     }
 }
 
@@ -112,11 +161,20 @@ fn ends_with(words: &[&str], cue: &[String]) -> bool {
             .all(|(a, b)| *a == b)
 }
 
-fn contains(words: &[&str], cue: &[String]) -> bool {
-    !cue.is_empty()
-        && words
-            .windows(cue.len())
-            .any(|w| w.iter().zip(cue).all(|(a, b)| *a == b))
+/// Whether any cue occurs in `words`, looking up cues by each word.
+fn contains(
+    words: &[&str],
+    cues: &[Vec<String>],
+    by_first: &FxHashMap<String, Vec<usize>>,
+) -> bool {
+    (0..words.len()).any(|i| {
+        by_first.get(words[i]).is_some_and(|cs| {
+            cs.iter().any(|&c| {
+                let cue = &cues[c];
+                words.len() - i >= cue.len() && words[i..].iter().zip(cue).all(|(a, b)| *a == b)
+            })
+        })
+    })
 }
 
 #[cfg(test)]
@@ -129,15 +187,15 @@ mod tests {
                 .map(|c| c.split(' ').map(str::to_string).collect())
                 .collect()
         };
-        ContextRule {
-            kind: ContextKind::Negation,
-            before: cues(before),
-            after: cues(after),
+        ContextRule::new(
+            ContextKind::Negation,
+            cues(before),
+            cues(after),
             adjacent,
             reach,
-            skip: ["really", "ever"].iter().map(|s| s.to_string()).collect(),
-            barriers: ["but", "now"].iter().map(|s| s.to_string()).collect(),
-        }
+            ["really", "ever"].iter().map(|s| s.to_string()),
+            ["but", "now"].iter().map(|s| s.to_string()),
+        )
     }
 
     #[test]

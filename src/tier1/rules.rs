@@ -502,15 +502,9 @@ impl Builder {
                     message: "no cues".to_string(),
                 });
             }
-            contexts.push(ContextRule {
-                kind,
-                before,
-                after,
-                adjacent: c.adjacent,
-                reach: c.reach,
-                skip: c.skip.into_iter().collect(),
-                barriers: c.barriers.into_iter().collect(),
-            });
+            contexts.push(ContextRule::new(
+                kind, before, after, c.adjacent, c.reach, c.skip, c.barriers,
+            ));
         }
         self.set
             .context
