@@ -30,8 +30,13 @@
 //! assert_eq!(d[0].action, Action::Review);
 //! ```
 
+pub mod audit;
+pub mod config;
 pub mod corpus;
 pub mod domain;
+pub mod escalation;
 pub mod eval;
+pub mod ids;
 pub mod replay;
+pub mod store;
 pub mod tier1;

@@ -1,0 +1,132 @@
+//! Durable state: escalations, their outbox of pages, message verdicts and
+//! the audit log.
+//!
+//! One seam, the [`Store`] trait, with SQLite as the embedded default (and
+//! PostgreSQL for several replicas, a later issue). Every write that changes
+//! what happened to a patient is one transaction: the escalation, its page
+//! in the outbox and its audit row commit together or not at all, before
+//! the service answers.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::audit::{AuditEvent, AuditRow};
+use crate::domain::{EscalationState, Severity};
+use crate::escalation::{Directive, Escalation};
+use crate::ids::{EscalationId, MessageId, PracticeId};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The database failed; the message names the operation, not the data.
+    #[error("store {op}: {source}")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("store {op}: {message}")]
+    Corrupt { op: &'static str, message: String },
+    #[error("opening the store at {path}: {message}")]
+    Open { path: String, message: String },
+}
+
+/// The verdict given for one inbound message, kept so that a repeated
+/// message id gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageVerdict {
+    pub escalation_id: Option<EscalationId>,
+    /// The directive sent with it, if any.
+    pub directive: Option<Directive>,
+}
+
+/// What to do about an escalation alongside recording a message or an
+/// utterance.
+#[derive(Debug, Clone)]
+pub enum EscalationWrite {
+    Create(Box<Escalation>),
+    Raise {
+        id: EscalationId,
+        severity: Severity,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written now.
+    New,
+    /// The message id was seen before: nothing was written.
+    Duplicate,
+}
+
+/// A filter and page for listing escalations, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct EscalationQuery {
+    /// None: every practice (admins only).
+    pub practice: Option<PracticeId>,
+    pub state: Option<EscalationState>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: u32,
+    /// Continue after this (created_at_ms, id), from the previous page.
+    pub after: Option<(i64, String)>,
+}
+
+/// A page waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub id: i64,
+    pub escalation_id: EscalationId,
+    pub severity: Severity,
+    pub practice: String,
+    pub attempts: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Records an escalation (new, or a rise in severity) with its page in
+    /// the outbox and its audit row, in one transaction.
+    async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// Records an inbound message's verdict, any escalation it causes, and
+    /// the audit rows, in one transaction; unless the message id was
+    /// recorded before, in which case nothing is written.
+    async fn record_message(
+        &self,
+        message: &MessageId,
+        verdict: &MessageVerdict,
+        write: Option<EscalationWrite>,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Recorded, StoreError>;
+
+    /// The verdict recorded for a message id, if any.
+    async fn message_verdict(
+        &self,
+        message: &MessageId,
+    ) -> Result<Option<MessageVerdict>, StoreError>;
+
+    /// Appends to the audit log.
+    async fn audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+
+    async fn get_escalation(&self, id: EscalationId) -> Result<Option<Escalation>, StoreError>;
+
+    async fn list_escalations(&self, q: &EscalationQuery) -> Result<Vec<Escalation>, StoreError>;
+
+    /// Audit rows with `at_ms >= since_ms`, in order.
+    async fn audit_rows(&self, since_ms: i64) -> Result<Vec<AuditRow>, StoreError>;
+
+    /// The last row's sequence number and hash as recorded beside the log,
+    /// so that rows cut from its end are noticed.
+    async fn audit_head(&self) -> Result<(i64, String), StoreError>;
+
+    /// Pages due for delivery.
+    async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError>;
+
+    async fn page_delivered(&self, page: i64, now_ms: i64) -> Result<(), StoreError>;
+
+    async fn page_failed(&self, page: i64, retry_at_ms: i64) -> Result<(), StoreError>;
+
+    /// Flushes and closes.
+    async fn close(&self);
+}

@@ -1,0 +1,555 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`,
+//! so a committed escalation survives a crash or a power cut.
+//!
+//! SQLite has one writer at a time; so does this store. Writes go through
+//! one connection behind a mutex that also holds the audit chain's head, so
+//! appending to the chain never reads it back. Reads use a small pool of
+//! their own and never wait for a write.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::Mutex;
+
+use super::{EscalationQuery, EscalationWrite, MessageVerdict, Page, Recorded, Store, StoreError};
+use crate::audit::{AuditEvent, AuditRow, GENESIS};
+use crate::domain::{EscalationState, Severity, Tier};
+use crate::escalation::{Directive, Escalation, Origin, now_ms};
+use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE escalations (
+    id              TEXT PRIMARY KEY,
+    practice_id     TEXT NOT NULL,
+    patient_id      TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    channel         TEXT NOT NULL CHECK (channel IN ('voice', 'sms')),
+    tier            INTEGER NOT NULL,
+    rule_id         TEXT NOT NULL,
+    reason_code     TEXT NOT NULL,
+    severity        INTEGER NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+    utterance_id    TEXT NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    updated_at_ms   INTEGER NOT NULL
+);
+CREATE INDEX escalations_by_practice ON escalations (practice_id, created_at_ms DESC, id DESC);
+CREATE INDEX escalations_by_time ON escalations (created_at_ms DESC, id DESC);
+
+CREATE TABLE outbox (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    escalation_id      TEXT NOT NULL REFERENCES escalations (id),
+    severity           INTEGER NOT NULL,
+    practice_id        TEXT NOT NULL,
+    created_at_ms      INTEGER NOT NULL,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at_ms INTEGER NOT NULL,
+    delivered_at_ms    INTEGER
+);
+CREATE INDEX outbox_due ON outbox (next_attempt_at_ms) WHERE delivered_at_ms IS NULL;
+
+CREATE TABLE messages (
+    message_id    TEXT PRIMARY KEY,
+    escalation_id TEXT,
+    directive     TEXT,
+    created_at_ms INTEGER NOT NULL
+);
+
+CREATE TABLE audit (
+    seq        INTEGER PRIMARY KEY,
+    at_ms      INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    prev_hash  TEXT NOT NULL,
+    hash       TEXT NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+
+-- The chain's head, kept beside it so that rows cut from the end show.
+CREATE TABLE audit_head (
+    one  INTEGER PRIMARY KEY CHECK (one = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (one, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
+BEGIN SELECT RAISE(ABORT, 'the audit head cannot be removed'); END;
+"#;
+
+/// The chain's head: the last row's sequence number and hash.
+struct Head {
+    seq: i64,
+    hash: String,
+}
+
+pub struct SqliteStore {
+    writer: Mutex<(SqlitePool, Head)>,
+    reader: SqlitePool,
+}
+
+fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Db { op, source }
+}
+
+fn corrupt(op: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        op,
+        message: message.into(),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| open_err(e.to_string()))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(|e| open_err(e.to_string()))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        migrate(&writer).await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE one = 1")
+            .fetch_one(&writer)
+            .await
+            .map_err(db("reading the audit head"))?;
+        let head = Head {
+            seq: head.try_get("seq").map_err(db("reading the audit head"))?,
+            hash: head.try_get("hash").map_err(db("reading the audit head"))?,
+        };
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(SqliteStore {
+            writer: Mutex::new((writer, head)),
+            reader,
+        })
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(pool)
+        .await
+        .map_err(db("reading the schema version"))?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version != 0 {
+        return Err(corrupt(
+            "migrate",
+            format!("schema version {version} is not one this build knows ({SCHEMA_VERSION})"),
+        ));
+    }
+    let mut tx = pool.begin().await.map_err(db("migrate"))?;
+    sqlx::raw_sql(SCHEMA)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("migrate"))?;
+    sqlx::raw_sql("PRAGMA user_version = 1")
+        .execute(&mut *tx)
+        .await
+        .map_err(db("migrate"))?;
+    tx.commit().await.map_err(db("migrate"))?;
+    Ok(())
+}
+
+/// Appends audit rows inside `tx`; returns the new head, to be kept only if
+/// the transaction commits.
+async fn append_audit(
+    tx: &mut Transaction<'_, Sqlite>,
+    head: &Head,
+    events: &[AuditEvent],
+) -> Result<Head, StoreError> {
+    let (mut seq, mut hash) = (head.seq, head.hash.clone());
+    for e in events {
+        seq += 1;
+        let row = AuditRow::chain(&hash, seq, now_ms(), e);
+        sqlx::query(
+            "INSERT INTO audit (seq, at_ms, actor, request_id, action, subject, detail, prev_hash, hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(row.seq)
+        .bind(row.at_ms)
+        .bind(&row.actor)
+        .bind(&row.request_id)
+        .bind(&row.action)
+        .bind(&row.subject)
+        .bind(&row.detail)
+        .bind(&row.prev_hash)
+        .bind(&row.hash)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("appending to the audit log"))?;
+        hash = row.hash;
+    }
+    sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE one = 1")
+        .bind(seq)
+        .bind(&hash)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("moving the audit head"))?;
+    Ok(Head { seq, hash })
+}
+
+async fn write_escalation(
+    tx: &mut Transaction<'_, Sqlite>,
+    write: &EscalationWrite,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    match write {
+        EscalationWrite::Create(e) => {
+            sqlx::query(
+                "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
+                     rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(e.id.to_string())
+            .bind(e.practice.as_str())
+            .bind(e.patient.expose())
+            .bind(e.origin.id())
+            .bind(e.origin.channel())
+            .bind(e.tier.code())
+            .bind(&e.rule_id)
+            .bind(&e.reason_code)
+            .bind(e.severity.code())
+            .bind(e.state.as_str())
+            .bind(&e.utterance_id)
+            .bind(e.created_at_ms)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("recording an escalation"))?;
+            sqlx::query(
+                "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(e.id.to_string())
+            .bind(e.severity.code())
+            .bind(e.practice.as_str())
+            .bind(now)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("queueing a page"))?;
+        }
+        EscalationWrite::Raise { id, severity } => {
+            let practice: Option<String> = sqlx::query_scalar(
+                "UPDATE escalations SET severity = ?, updated_at_ms = ?
+                 WHERE id = ? AND severity < ? RETURNING practice_id",
+            )
+            .bind(severity.code())
+            .bind(now)
+            .bind(id.to_string())
+            .bind(severity.code())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db("raising an escalation"))?;
+            // Already at or above this severity: nothing to page again.
+            if let Some(practice) = practice {
+                sqlx::query(
+                    "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(id.to_string())
+                .bind(severity.code())
+                .bind(practice)
+                .bind(now)
+                .bind(now)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("queueing a page"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
+    const OP: &str = "reading an escalation";
+    let get = |c: &str| -> Result<String, StoreError> { r.try_get(c).map_err(db(OP)) };
+    let id = EscalationId::parse(&get("id")?).map_err(|_| corrupt(OP, "bad escalation id"))?;
+    let conversation = get("conversation_id")?;
+    let origin = match get("channel")?.as_str() {
+        "voice" => Origin::Call(conversation),
+        "sms" => Origin::Thread(conversation),
+        _ => return Err(corrupt(OP, "bad channel")),
+    };
+    let tier: i64 = r.try_get("tier").map_err(db(OP))?;
+    let severity: i64 = r.try_get("severity").map_err(db(OP))?;
+    Ok(Escalation {
+        id,
+        practice: PracticeId::parse(&get("practice_id")?)
+            .map_err(|_| corrupt(OP, "bad practice id"))?,
+        patient: PatientId::parse(&get("patient_id")?)
+            .map_err(|_| corrupt(OP, "bad patient id"))?,
+        origin,
+        tier: Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
+        rule_id: get("rule_id")?,
+        reason_code: get("reason_code")?,
+        severity: Severity::from_code(severity).ok_or_else(|| corrupt(OP, "bad severity"))?,
+        state: EscalationState::parse(&get("state")?).ok_or_else(|| corrupt(OP, "bad state"))?,
+        utterance_id: get("utterance_id")?,
+        created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError> {
+        let mut w = self.writer.lock().await;
+        let (pool, head) = &mut *w;
+        let mut tx = pool.begin().await.map_err(db("begin"))?;
+        write_escalation(&mut tx, &write).await?;
+        let new_head = append_audit(&mut tx, head, std::slice::from_ref(&audit)).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        *head = new_head;
+        Ok(())
+    }
+
+    async fn record_message(
+        &self,
+        message: &MessageId,
+        verdict: &MessageVerdict,
+        write: Option<EscalationWrite>,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Recorded, StoreError> {
+        let directive = match &verdict.directive {
+            Some(d) => Some(
+                serde_json::to_string(d)
+                    .map_err(|e| corrupt("recording a message", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut w = self.writer.lock().await;
+        let (pool, head) = &mut *w;
+        let mut tx = pool.begin().await.map_err(db("begin"))?;
+        let inserted = sqlx::query(
+            "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
+             VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message.as_str())
+        .bind(verdict.escalation_id.map(|e| e.to_string()))
+        .bind(directive)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording a message"))?
+        .rows_affected();
+        if inserted == 0 {
+            // Seen before: the first verdict stands and nothing changes.
+            tx.rollback().await.map_err(db("rollback"))?;
+            return Ok(Recorded::Duplicate);
+        }
+        if let Some(write) = &write {
+            write_escalation(&mut tx, write).await?;
+        }
+        let new_head = append_audit(&mut tx, head, &audit).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        *head = new_head;
+        Ok(Recorded::New)
+    }
+
+    async fn message_verdict(
+        &self,
+        message: &MessageId,
+    ) -> Result<Option<MessageVerdict>, StoreError> {
+        const OP: &str = "reading a message verdict";
+        let Some(r) =
+            sqlx::query("SELECT escalation_id, directive FROM messages WHERE message_id = ?")
+                .bind(message.as_str())
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db(OP))?
+        else {
+            return Ok(None);
+        };
+        let esc: Option<String> = r.try_get("escalation_id").map_err(db(OP))?;
+        let directive: Option<String> = r.try_get("directive").map_err(db(OP))?;
+        Ok(Some(MessageVerdict {
+            escalation_id: esc
+                .map(|e| EscalationId::parse(&e).map_err(|_| corrupt(OP, "bad escalation id")))
+                .transpose()?,
+            directive: directive
+                .map(|d| {
+                    serde_json::from_str::<Directive>(&d).map_err(|e| corrupt(OP, e.to_string()))
+                })
+                .transpose()?,
+        }))
+    }
+
+    async fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        let mut w = self.writer.lock().await;
+        let (pool, head) = &mut *w;
+        let mut tx = pool.begin().await.map_err(db("begin"))?;
+        let new_head = append_audit(&mut tx, head, std::slice::from_ref(&event)).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        *head = new_head;
+        Ok(())
+    }
+
+    async fn get_escalation(&self, id: EscalationId) -> Result<Option<Escalation>, StoreError> {
+        sqlx::query("SELECT * FROM escalations WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db("reading an escalation"))?
+            .as_ref()
+            .map(escalation_from_row)
+            .transpose()
+    }
+
+    async fn list_escalations(&self, q: &EscalationQuery) -> Result<Vec<Escalation>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM escalations
+             WHERE (?1 IS NULL OR practice_id = ?1)
+               AND (?2 IS NULL OR state = ?2)
+               AND (?3 IS NULL OR created_at_ms >= ?3)
+               AND (?4 IS NULL OR created_at_ms < ?4)
+               AND (?5 IS NULL OR created_at_ms < ?5 OR (created_at_ms = ?5 AND id < ?6))
+             ORDER BY created_at_ms DESC, id DESC
+             LIMIT ?7",
+        )
+        .bind(q.practice.as_ref().map(|p| p.as_str().to_string()))
+        .bind(q.state.map(|s| s.as_str()))
+        .bind(q.since_ms)
+        .bind(q.until_ms)
+        .bind(q.after.as_ref().map(|a| a.0))
+        .bind(q.after.as_ref().map(|a| a.1.clone()))
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db("listing escalations"))?;
+        rows.iter().map(escalation_from_row).collect()
+    }
+
+    async fn audit_rows(&self, since_ms: i64) -> Result<Vec<AuditRow>, StoreError> {
+        const OP: &str = "reading the audit log";
+        let rows = sqlx::query("SELECT * FROM audit WHERE at_ms >= ? ORDER BY seq")
+            .bind(since_ms)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db(OP))?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    seq: r.try_get("seq").map_err(db(OP))?,
+                    at_ms: r.try_get("at_ms").map_err(db(OP))?,
+                    actor: r.try_get("actor").map_err(db(OP))?,
+                    request_id: r.try_get("request_id").map_err(db(OP))?,
+                    action: r.try_get("action").map_err(db(OP))?,
+                    subject: r.try_get("subject").map_err(db(OP))?,
+                    detail: r.try_get("detail").map_err(db(OP))?,
+                    prev_hash: r.try_get("prev_hash").map_err(db(OP))?,
+                    hash: r.try_get("hash").map_err(db(OP))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String), StoreError> {
+        let r = sqlx::query("SELECT seq, hash FROM audit_head WHERE one = 1")
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db("reading the audit head"))?;
+        match r {
+            Some(r) => Ok((
+                r.try_get("seq").map_err(db("reading the audit head"))?,
+                r.try_get("hash").map_err(db("reading the audit head"))?,
+            )),
+            None => Ok((0, GENESIS.to_string())),
+        }
+    }
+
+    async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError> {
+        const OP: &str = "reading due pages";
+        let rows = sqlx::query(
+            "SELECT id, escalation_id, severity, practice_id, attempts FROM outbox
+             WHERE delivered_at_ms IS NULL AND next_attempt_at_ms <= ?
+             ORDER BY next_attempt_at_ms, id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(|r| {
+                let esc: String = r.try_get("escalation_id").map_err(db(OP))?;
+                let sev: i64 = r.try_get("severity").map_err(db(OP))?;
+                Ok(Page {
+                    id: r.try_get("id").map_err(db(OP))?,
+                    escalation_id: EscalationId::parse(&esc)
+                        .map_err(|_| corrupt(OP, "bad escalation id"))?,
+                    severity: Severity::from_code(sev)
+                        .ok_or_else(|| corrupt(OP, "bad severity"))?,
+                    practice: r.try_get("practice_id").map_err(db(OP))?,
+                    attempts: r.try_get("attempts").map_err(db(OP))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn page_delivered(&self, page: i64, now_ms: i64) -> Result<(), StoreError> {
+        let w = self.writer.lock().await;
+        sqlx::query("UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1 WHERE id = ?")
+            .bind(now_ms)
+            .bind(page)
+            .execute(&w.0)
+            .await
+            .map_err(db("marking a page delivered"))?;
+        Ok(())
+    }
+
+    async fn page_failed(&self, page: i64, retry_at_ms: i64) -> Result<(), StoreError> {
+        let w = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ? WHERE id = ?",
+        )
+        .bind(retry_at_ms)
+        .bind(page)
+        .execute(&w.0)
+        .await
+        .map_err(db("marking a page failed"))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.reader.close().await;
+        let w = self.writer.lock().await;
+        w.0.close().await;
+    }
+}
