@@ -30,6 +30,7 @@
 //! assert_eq!(d[0].action, Action::Review);
 //! ```
 
+pub mod api;
 pub mod audit;
 pub mod config;
 pub mod corpus;
@@ -37,6 +38,9 @@ pub mod domain;
 pub mod escalation;
 pub mod eval;
 pub mod ids;
+pub mod pager;
 pub mod replay;
+pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tier1;

@@ -14,6 +14,8 @@ use crisisd::replay::{ReplayLine, replay};
 use crisisd::tier1::Matcher;
 use crisisd::tier1::rules::{Loaded, RuleSet};
 
+mod commands;
+
 /// Exit code when input lines were skipped.
 const EXIT_SKIPPED: u8 = 3;
 
@@ -55,6 +57,82 @@ enum Command {
     /// Print the normalized form of each line of TEXT or stdin: how Tier 1
     /// sees it (for rule authors).
     Normalize { text: Option<String> },
+    /// Run the gRPC service. With no config: plaintext on 127.0.0.1:50051,
+    /// SQLite in ./crisisd-data, console pager.
+    Serve {
+        /// TOML config file (else $CRISISD_CONFIG, else defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Listen address, over the config's.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Prometheus metrics address, over the config's.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
+    },
+    /// Play a corpus (JSON lines) or a text file (one patient utterance per
+    /// line) into a running server and print the directives it sends back.
+    Stream {
+        file: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// Bearer token (else $CRISISD_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Practice id to send with each call or text.
+        #[arg(long, default_value = "demo-practice")]
+        practice: String,
+    },
+    /// Check or export the audit log.
+    Audit {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Token helpers.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check the hash chain; exit 1 naming every altered, removed or
+    /// reordered row.
+    Verify,
+    /// Write the audit log as JSON lines.
+    Export {
+        /// Only rows from this time on: RFC 3339 (2026-11-23T10:00:00Z) or
+        /// milliseconds since the epoch.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print a commented config with every key at its default.
+    Example,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a new random token and print it with its config entry.
+    New {
+        /// voice, messaging, scheduling, responder or admin.
+        role: String,
+        name: String,
+        /// For a responder: the practice it reads.
+        #[arg(long, default_value = "")]
+        practice: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +199,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(skipped(&errors))
         }
+        Command::Serve {
+            config,
+            listen,
+            metrics_listen,
+        } => commands::serve(config, listen, metrics_listen),
+        Command::Stream {
+            file,
+            server,
+            token,
+            practice,
+        } => commands::stream(&file, &server, token, &practice),
+        Command::Audit { config, action } => match action {
+            AuditAction::Verify => commands::audit_verify(config),
+            AuditAction::Export { since } => commands::audit_export(config, since.as_deref()),
+        },
+        Command::Config {
+            action: ConfigAction::Example,
+        } => {
+            print!("{}", crisisd::config::EXAMPLE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            action:
+                TokenAction::New {
+                    role,
+                    name,
+                    practice,
+                },
+        } => commands::token_new(&role, &name, &practice),
         Command::Normalize { text } => {
             let matcher = matcher(cli.rules.as_deref())?;
             let n = matcher.normalizer();

@@ -1,0 +1,253 @@
+//! Protobuf in, validated domain values out, and back. Every error names
+//! the field and the rule it broke; none repeats what the client sent.
+
+use tonic::Status;
+
+use super::pb;
+use crate::domain::{EscalationState, Severity, Speaker, Tier};
+use crate::escalation::{Directive, Escalation};
+use crate::ids::{CallId, IdError, MessageId, PatientId, PracticeId, ThreadId, UtteranceId};
+
+fn bad_id(e: IdError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A language tag, reduced to what crisisd uses it for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Language(String);
+
+impl Language {
+    /// BCP 47-shaped: a 2-3 letter language, then subtags of 1-8 letters
+    /// or digits. Empty means English.
+    pub fn parse(field: &'static str, s: &str) -> Result<Language, Status> {
+        if s.is_empty() {
+            return Ok(Language("en".to_string()));
+        }
+        let mut parts = s.split(['-', '_']);
+        let lang = parts.next().unwrap_or_default();
+        let ok = s.len() <= 35
+            && (2..=3).contains(&lang.len())
+            && lang.bytes().all(|b| b.is_ascii_alphabetic())
+            && parts.all(|p| {
+                (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+        if !ok {
+            return Err(Status::invalid_argument(format!(
+                "{field} must be a language tag such as en or es-MX"
+            )));
+        }
+        Ok(Language(s.to_ascii_lowercase().replace('_', "-")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CallStart {
+    pub call: CallId,
+    pub patient: PatientId,
+    pub practice: PracticeId,
+    pub language: Language,
+}
+
+pub fn call_started(c: pb::CallStarted) -> Result<CallStart, Status> {
+    Ok(CallStart {
+        call: CallId::parse(&c.call_id).map_err(bad_id)?,
+        patient: PatientId::parse(&c.patient_id).map_err(bad_id)?,
+        practice: PracticeId::parse(&c.practice_id).map_err(bad_id)?,
+        language: Language::parse("call_started.language", &c.language)?,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct UtteranceIn {
+    pub id: UtteranceId,
+    pub speaker: Speaker,
+    pub text: String,
+    pub is_final: bool,
+}
+
+fn check_text(field: &str, text: &str, max: usize) -> Result<(), Status> {
+    if text.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    if text.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {max} bytes"
+        )));
+    }
+    Ok(())
+}
+
+pub fn utterance(u: pb::Utterance, max_bytes: usize) -> Result<UtteranceIn, Status> {
+    let id = UtteranceId::parse(&u.utterance_id).map_err(bad_id)?;
+    let speaker = match pb::Speaker::try_from(u.speaker) {
+        Ok(pb::Speaker::Patient) => Speaker::Patient,
+        Ok(pb::Speaker::Agent) => Speaker::Agent,
+        Ok(pb::Speaker::Clinician) => Speaker::Clinician,
+        Ok(pb::Speaker::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(
+                "utterance.speaker must be SPEAKER_PATIENT, SPEAKER_AGENT or SPEAKER_CLINICIAN",
+            ));
+        }
+    };
+    check_text("utterance.text", &u.text, max_bytes)?;
+    Ok(UtteranceIn {
+        id,
+        speaker,
+        text: u.text,
+        is_final: u.is_final,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageIn {
+    pub id: MessageId,
+    pub patient: PatientId,
+    pub practice: PracticeId,
+    pub thread: ThreadId,
+    pub text: String,
+    pub language: Language,
+}
+
+pub fn message(m: pb::InboundMessage, max_bytes: usize) -> Result<MessageIn, Status> {
+    let msg = MessageIn {
+        id: MessageId::parse(&m.message_id).map_err(bad_id)?,
+        patient: PatientId::parse(&m.patient_id).map_err(bad_id)?,
+        practice: PracticeId::parse(&m.practice_id).map_err(bad_id)?,
+        thread: ThreadId::parse(&m.thread_id).map_err(bad_id)?,
+        language: Language::parse("language", &m.language)?,
+        text: String::new(),
+    };
+    check_text("text", &m.text, max_bytes)?;
+    Ok(MessageIn {
+        text: m.text,
+        ..msg
+    })
+}
+
+pub fn tier(t: Tier) -> pb::Tier {
+    match t {
+        Tier::Phrase => pb::Tier::Phrase,
+        Tier::Context => pb::Tier::Context,
+        Tier::Behavior => pb::Tier::Behavior,
+    }
+}
+
+pub fn severity(s: Severity) -> pb::Severity {
+    match s {
+        Severity::Low => pb::Severity::Low,
+        Severity::Moderate => pb::Severity::Moderate,
+        Severity::High => pb::Severity::High,
+        Severity::Imminent => pb::Severity::Imminent,
+    }
+}
+
+pub fn state(s: EscalationState) -> pb::EscalationState {
+    match s {
+        EscalationState::Open => pb::EscalationState::Open,
+        EscalationState::Acknowledged => pb::EscalationState::Acknowledged,
+        EscalationState::Resolved => pb::EscalationState::Resolved,
+    }
+}
+
+pub fn state_filter(s: i32) -> Result<Option<EscalationState>, Status> {
+    match pb::EscalationState::try_from(s) {
+        Ok(pb::EscalationState::Unspecified) => Ok(None),
+        Ok(pb::EscalationState::Open) => Ok(Some(EscalationState::Open)),
+        Ok(pb::EscalationState::Acknowledged) => Ok(Some(EscalationState::Acknowledged)),
+        Ok(pb::EscalationState::Resolved) => Ok(Some(EscalationState::Resolved)),
+        Err(_) => Err(Status::invalid_argument(
+            "state is not a known escalation state",
+        )),
+    }
+}
+
+pub fn directive(d: &Directive) -> pb::Directive {
+    pb::Directive {
+        escalation_id: d.escalation_id.clone(),
+        tier: tier(d.tier) as i32,
+        kind: pb::DirectiveKind::CrisisReferral as i32,
+        referral_text: d.referral_text.clone(),
+        utterance_id: d.utterance_id.clone(),
+        severity: severity(d.severity) as i32,
+        reason_code: d.reason_code.clone(),
+    }
+}
+
+pub fn escalation(e: &Escalation) -> pb::Escalation {
+    pb::Escalation {
+        escalation_id: e.id.to_string(),
+        practice_id: e.practice.as_str().to_string(),
+        patient_id: e.patient.expose().to_string(),
+        conversation_id: e.origin.id().to_string(),
+        tier: tier(e.tier) as i32,
+        rule_id: e.rule_id.clone(),
+        severity: severity(e.severity) as i32,
+        state: state(e.state) as i32,
+        created_at_ms: e.created_at_ms,
+        utterance_id: e.utterance_id.clone(),
+        reason_code: e.reason_code.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn language_table() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("", Some("en")),
+            ("en", Some("en")),
+            ("es-MX", Some("es-mx")),
+            ("es_419", Some("es-419")),
+            ("e", None),
+            ("english", None),
+            ("en--US", None),
+            ("en-US-x-verylongsubtag", None),
+            ("<script>", None),
+        ];
+        for (tag, want) in cases {
+            let got = Language::parse("language", tag);
+            assert_eq!(got.as_ref().ok().map(|l| l.as_str()), *want, "{tag:?}");
+            if let Err(s) = got {
+                assert!(
+                    !s.message().contains(tag) || tag.is_empty(),
+                    "{tag:?} echoed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn utterance_table() {
+        let u = |id: &str, speaker: i32, text: &str| pb::Utterance {
+            utterance_id: id.into(),
+            speaker,
+            text: text.into(),
+            is_final: true,
+        };
+        let cases: &[(pb::Utterance, Option<&str>)] = &[
+            (u("u1", 1, "hello"), None),
+            (u("", 1, "hello"), Some("utterance_id")),
+            (u("u1", 0, "hello"), Some("utterance.speaker")),
+            (u("u1", 9, "hello"), Some("utterance.speaker")),
+            (u("u1", 1, "  "), Some("utterance.text is empty")),
+            (u("u1", 1, &"x".repeat(11)), Some("longer than 10 bytes")),
+        ];
+        for (input, want) in cases {
+            let got = utterance(input.clone(), 10);
+            match (got, want) {
+                (Ok(_), None) => {}
+                (Err(s), Some(msg)) => {
+                    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+                    assert!(s.message().contains(msg), "{:?} lacks {msg}", s.message());
+                }
+                (got, want) => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

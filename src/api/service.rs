@@ -1,0 +1,789 @@
+//! The `CrisisDetection` service: thin. It authenticates, validates,
+//! limits, and hands domain values to Tier 1 and the escalation module; it
+//! writes through the store before it answers.
+//!
+//! Status codes: a malformed or out-of-order event is `INVALID_ARGUMENT`; a
+//! missing or unknown token `UNAUTHENTICATED`; the wrong role
+//! `PERMISSION_DENIED`; too many streams or utterances `RESOURCE_EXHAUSTED`;
+//! an idle stream `DEADLINE_EXCEEDED`; a store that cannot be written
+//! `UNAVAILABLE`. An error ends only its own stream.
+
+use std::collections::{HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::principal;
+use super::convert::{self, CallStart};
+use super::pb;
+use super::pb::crisis_detection_server::CrisisDetection;
+use super::threads::Threads;
+use crate::audit::AuditEvent;
+use crate::config::{Config, Role};
+use crate::domain::{EscalationState, Speaker};
+use crate::escalation::{self, Directive, Escalation, Open, Origin, Step, Trigger, now_ms};
+use crate::ids::{EscalationId, UtteranceId};
+use crate::store::{EscalationQuery, EscalationWrite, MessageVerdict, Recorded, Store};
+use crate::tier1::{Action, Detection, Matcher, StreamState};
+
+/// Directives waiting to go out on one stream. A client that does not read
+/// them stops being read from in turn (the send waits): back-pressure, not
+/// loss.
+const DIRECTIVE_QUEUE: usize = 16;
+/// Final utterance ids remembered per call, to ignore a repeated final.
+const FINALS_REMEMBERED: usize = 256;
+/// Attempts at recording an escalation before the directive goes anyway.
+const RECORD_ATTEMPTS: u32 = 3;
+
+/// Everything the service shares across requests.
+pub struct Core {
+    pub matcher: Arc<Matcher>,
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    pub streams: Arc<Semaphore>,
+    pub threads: Threads,
+}
+
+impl Core {
+    pub fn new(matcher: Arc<Matcher>, store: Arc<dyn Store>, config: Arc<Config>) -> Core {
+        Core {
+            streams: Arc::new(Semaphore::new(config.limits.max_streams)),
+            threads: Threads::new(config.limits.max_threads, config.limits.thread_window_secs),
+            matcher,
+            store,
+            config,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Service {
+    core: Arc<Core>,
+}
+
+impl Service {
+    pub fn new(core: Core) -> Service {
+        Service {
+            core: Arc::new(core),
+        }
+    }
+}
+
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::ids::MessageId::parse(v).is_ok())
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string)
+}
+
+fn count_detections(ds: &[Detection]) {
+    for d in ds {
+        let action = match d.action {
+            Action::Escalate => "escalate",
+            Action::Review => "review",
+        };
+        metrics::counter!("crisisd_detections_total", "tier" => "phrase", "action" => action)
+            .increment(1);
+    }
+}
+
+/// A token bucket: `rate` per second, up to `burst` at once.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One live call.
+struct Call {
+    start: CallStart,
+    stream: StreamState,
+    open: Option<Open>,
+    finals: HashSet<UtteranceId>,
+    finals_order: VecDeque<UtteranceId>,
+    utterances: u64,
+    escalations: u64,
+    directives: u64,
+}
+
+impl Call {
+    /// Whether this final was seen already; remembers it if not.
+    fn repeated_final(&mut self, id: &UtteranceId) -> bool {
+        if self.finals.contains(id) {
+            return true;
+        }
+        if self.finals_order.len() == FINALS_REMEMBERED
+            && let Some(old) = self.finals_order.pop_front()
+        {
+            self.finals.remove(&old);
+        }
+        self.finals.insert(id.clone());
+        self.finals_order.push_back(id.clone());
+        false
+    }
+}
+
+/// How a stream ended, for its audit row and log.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    CallEnded,
+    ClientClosed,
+    Rejected,
+    Idle,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::CallEnded => "call_ended",
+            End::ClientClosed => "client_closed",
+            End::Rejected => "rejected",
+            End::Idle => "idle",
+        }
+    }
+}
+
+type DirectiveTx = mpsc::Sender<Result<pb::Directive, Status>>;
+
+impl Core {
+    fn directive(
+        &self,
+        id: EscalationId,
+        trigger: &Trigger,
+        practice: &str,
+        language: &str,
+        utterance: &str,
+    ) -> Directive {
+        Directive {
+            escalation_id: id.to_string(),
+            tier: trigger.tier,
+            severity: trigger.severity,
+            referral_text: self.config.referral(practice, language).to_string(),
+            utterance_id: utterance.to_string(),
+            reason_code: trigger.reason_code.clone(),
+        }
+    }
+
+    /// Records an escalation, retrying briefly. When the store cannot take
+    /// it, the directive still goes out: a patient in crisis gets the 988
+    /// referral whatever state the database is in. The failure is logged
+    /// and counted.
+    async fn record(
+        &self,
+        write: EscalationWrite,
+        audit: AuditEvent,
+        escalation_id: EscalationId,
+    ) -> bool {
+        for attempt in 1..=RECORD_ATTEMPTS {
+            match self.store.escalate(write.clone(), audit.clone()).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(%escalation_id, attempt, error = %e, "recording an escalation failed");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+            }
+        }
+        metrics::counter!("crisisd_escalations_unrecorded_total").increment(1);
+        false
+    }
+
+    fn new_escalation(
+        &self,
+        trigger: &Trigger,
+        practice: &crate::ids::PracticeId,
+        patient: &crate::ids::PatientId,
+        origin: Origin,
+        utterance: &str,
+    ) -> Escalation {
+        Escalation {
+            id: EscalationId::new(),
+            practice: practice.clone(),
+            patient: patient.clone(),
+            origin,
+            tier: trigger.tier,
+            rule_id: trigger.rule_id.clone(),
+            reason_code: trigger.reason_code.clone(),
+            severity: trigger.severity,
+            state: EscalationState::Open,
+            utterance_id: utterance.to_string(),
+            created_at_ms: now_ms(),
+        }
+    }
+
+    fn escalation_audit(
+        actor: &str,
+        request_id: &str,
+        action: &str,
+        id: EscalationId,
+        origin: &Origin,
+        trigger: &Trigger,
+    ) -> AuditEvent {
+        AuditEvent {
+            actor: actor.to_string(),
+            request_id: request_id.to_string(),
+            action: action.to_string(),
+            subject: format!("escalation:{id}"),
+            detail: serde_json::json!({
+                "origin": format!("{}:{}", origin.channel(), origin.id()),
+                "tier": trigger.tier.as_str(),
+                "severity": trigger.severity.as_str(),
+                "rule": trigger.rule_id,
+                "reason": trigger.reason_code,
+            }),
+        }
+    }
+
+    async fn run_call(
+        &self,
+        inbound: &mut Streaming<pb::TranscriptEvent>,
+        tx: &DirectiveTx,
+        actor: &str,
+        request_id: &str,
+    ) -> Result<(), Status> {
+        let idle = Duration::from_secs(self.config.limits.idle_timeout_secs);
+        let first = match next_event(inbound, idle).await {
+            Err(_) => return Err(idle_status(idle)),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(Some(Ok(ev))) => ev,
+        };
+        let start = match first.event {
+            Some(pb::transcript_event::Event::CallStarted(c)) => convert::call_started(c)?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first event of a stream must be call_started",
+                ));
+            }
+        };
+        let call_id = start.call.to_string();
+        self.store
+            .audit(AuditEvent {
+                actor: actor.to_string(),
+                request_id: request_id.to_string(),
+                action: "stream.open".to_string(),
+                subject: format!("call:{call_id}"),
+                detail: serde_json::json!({ "practice": start.practice.as_str() }),
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(%call_id, error = %e, "audit write failed");
+                Status::unavailable("the store is unavailable")
+            })?;
+        tracing::info!(%call_id, %request_id, "stream opened");
+        metrics::counter!("crisisd_streams_total").increment(1);
+        let mut call = Call {
+            start,
+            stream: StreamState::new(),
+            open: None,
+            finals: HashSet::new(),
+            finals_order: VecDeque::new(),
+            utterances: 0,
+            escalations: 0,
+            directives: 0,
+        };
+        let result = self
+            .call_events(inbound, tx, actor, request_id, &mut call, idle)
+            .await;
+        let end = match &result {
+            Ok(end) => *end,
+            Err(_) => End::Rejected,
+        };
+        let close = AuditEvent {
+            actor: actor.to_string(),
+            request_id: request_id.to_string(),
+            action: "stream.close".to_string(),
+            subject: format!("call:{call_id}"),
+            detail: serde_json::json!({
+                "end": end.as_str(),
+                "utterances": call.utterances,
+                "escalations": call.escalations,
+                "directives": call.directives,
+            }),
+        };
+        if let Err(e) = self.store.audit(close).await {
+            tracing::error!(%call_id, error = %e, "audit write failed");
+        }
+        tracing::info!(%call_id, end = end.as_str(), utterances = call.utterances, escalations = call.escalations, "stream closed");
+        match (result, end) {
+            (Err(s), _) => Err(s),
+            (Ok(_), End::Idle) => Err(idle_status(idle)),
+            (Ok(_), _) => Ok(()),
+        }
+    }
+
+    async fn call_events(
+        &self,
+        inbound: &mut Streaming<pb::TranscriptEvent>,
+        tx: &DirectiveTx,
+        actor: &str,
+        request_id: &str,
+        call: &mut Call,
+        idle: Duration,
+    ) -> Result<End, Status> {
+        let limits = &self.config.limits;
+        let mut bucket = Bucket::new(limits.utterances_per_second, limits.utterance_burst);
+        loop {
+            let ev = match next_event(inbound, idle).await {
+                Err(_) => return Ok(End::Idle),
+                Ok(None) => return Ok(End::ClientClosed),
+                Ok(Some(Err(status))) => {
+                    tracing::debug!(call_id = %call.start.call, code = ?status.code(), "stream broke");
+                    return Ok(End::ClientClosed);
+                }
+                Ok(Some(Ok(ev))) => ev,
+            };
+            let received = Instant::now();
+            match ev.event {
+                None => {
+                    return Err(Status::invalid_argument(
+                        "a transcript event must set one of call_started, utterance, call_ended",
+                    ));
+                }
+                Some(pb::transcript_event::Event::CallStarted(_)) => {
+                    return Err(Status::invalid_argument(
+                        "call_started may come only once, first",
+                    ));
+                }
+                Some(pb::transcript_event::Event::CallEnded(_)) => return Ok(End::CallEnded),
+                Some(pb::transcript_event::Event::Utterance(u)) => {
+                    if !bucket.take() {
+                        return Err(Status::resource_exhausted(format!(
+                            "more than {} utterances per second on one stream (limits.utterances_per_second)",
+                            limits.utterances_per_second
+                        )));
+                    }
+                    let u = convert::utterance(u, limits.max_utterance_bytes)?;
+                    call.utterances += 1;
+                    metrics::counter!("crisisd_utterances_total").increment(1);
+                    if u.is_final && call.repeated_final(&u.id) {
+                        tracing::debug!(call_id = %call.start.call, utterance_id = %u.id, "repeated final ignored");
+                        continue;
+                    }
+                    let detections =
+                        self.matcher
+                            .feed(&mut call.stream, u.speaker, &u.text, u.is_final);
+                    count_detections(&detections);
+                    let Some(trigger) = escalation::decide(&self.matcher, &detections) else {
+                        continue;
+                    };
+                    if u.speaker != Speaker::Patient {
+                        continue;
+                    }
+                    let origin = Origin::Call(call.start.call.to_string());
+                    let (id, write, action) = match escalation::step(call.open, &trigger) {
+                        Step::Attach(o) => {
+                            tracing::debug!(call_id = %call.start.call, escalation_id = %o.id, "trigger attached to open escalation");
+                            continue;
+                        }
+                        Step::New => {
+                            let e = self.new_escalation(
+                                &trigger,
+                                &call.start.practice,
+                                &call.start.patient,
+                                origin.clone(),
+                                u.id.as_str(),
+                            );
+                            let id = e.id;
+                            (
+                                id,
+                                EscalationWrite::Create(Box::new(e)),
+                                "escalation.create",
+                            )
+                        }
+                        Step::Raise(o) => (
+                            o.id,
+                            EscalationWrite::Raise {
+                                id: o.id,
+                                severity: trigger.severity,
+                            },
+                            "escalation.raise",
+                        ),
+                    };
+                    let audit =
+                        Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
+                    self.record(write, audit, id).await;
+                    call.open = Some(Open {
+                        id,
+                        severity: trigger.severity,
+                    });
+                    call.escalations += u64::from(action == "escalation.create");
+                    let d = self.directive(
+                        id,
+                        &trigger,
+                        call.start.practice.as_str(),
+                        call.start.language.as_str(),
+                        u.id.as_str(),
+                    );
+                    tracing::info!(call_id = %call.start.call, escalation_id = %id, tier = trigger.tier.as_str(), severity = trigger.severity.as_str(), rule = %trigger.rule_id, "escalation");
+                    metrics::counter!("crisisd_escalations_total", "tier" => trigger.tier.as_str(), "severity" => trigger.severity.as_str()).increment(1);
+                    if tx.send(Ok(convert::directive(&d))).await.is_err() {
+                        return Ok(End::ClientClosed);
+                    }
+                    call.directives += 1;
+                    metrics::histogram!("crisisd_directive_latency_seconds")
+                        .record(received.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+}
+
+/// The next event, or `Err` when none came within `idle`.
+async fn next_event(
+    inbound: &mut Streaming<pb::TranscriptEvent>,
+    idle: Duration,
+) -> Result<Option<Result<pb::TranscriptEvent, Status>>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(idle, inbound.next()).await
+}
+
+fn idle_status(idle: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "no event for {} s (limits.idle_timeout_secs)",
+        idle.as_secs()
+    ))
+}
+
+type DirectiveStream = Pin<Box<dyn Stream<Item = Result<pb::Directive, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CrisisDetection for Service {
+    type StreamTranscriptStream = DirectiveStream;
+
+    async fn stream_transcript(
+        &self,
+        req: Request<Streaming<pb::TranscriptEvent>>,
+    ) -> Result<Response<Self::StreamTranscriptStream>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Voice])?;
+        let permit = self.core.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many concurrent transcript streams (limits.max_streams)",
+            )
+        })?;
+        let request_id = request_id(&req);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(DIRECTIVE_QUEUE);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::gauge!("crisisd_streams_open").increment(1.0);
+            if let Err(status) = core
+                .run_call(&mut inbound, &tx, &who.name, &request_id)
+                .await
+            {
+                metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", status.code())).increment(1);
+                let _ = tx.send(Err(status)).await;
+            }
+            metrics::gauge!("crisisd_streams_open").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit_message(
+        &self,
+        req: Request<pb::InboundMessage>,
+    ) -> Result<Response<pb::MessageVerdict>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Messaging])?;
+        let request_id = request_id(&req);
+        let core = &self.core;
+        let m = convert::message(req.into_inner(), core.config.limits.max_message_bytes)
+            .inspect_err(|s| {
+                metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", s.code()))
+                    .increment(1);
+            })?;
+        metrics::counter!("crisisd_messages_total").increment(1);
+        let unavailable = |e: crate::store::StoreError| {
+            tracing::error!(message_id = %m.id, error = %e, "store failed");
+            Status::unavailable("the store is unavailable")
+        };
+        if let Some(v) = core
+            .store
+            .message_verdict(&m.id)
+            .await
+            .map_err(unavailable)?
+        {
+            tracing::debug!(message_id = %m.id, "repeated message: first verdict returned");
+            return Ok(Response::new(verdict(&v)));
+        }
+        let thread = core.threads.get(m.practice.as_str(), m.thread.as_str());
+        let mut th = thread.lock().await;
+        let now = now_ms();
+        th.fresh(now, core.threads.window_ms());
+        // Work on a copy: if the store refuses, the thread is as it was.
+        let mut stream = th.stream.clone();
+        let detections = core
+            .matcher
+            .feed(&mut stream, Speaker::Patient, &m.text, true);
+        count_detections(&detections);
+        let trigger = escalation::decide(&core.matcher, &detections);
+        let origin = Origin::Thread(m.thread.to_string());
+        let mut audit = vec![AuditEvent {
+            actor: who.name.clone(),
+            request_id: request_id.clone(),
+            action: "message".to_string(),
+            subject: format!("message:{}", m.id),
+            detail: serde_json::json!({
+                "thread": m.thread.as_str(),
+                "practice": m.practice.as_str(),
+                "escalated": trigger.is_some(),
+            }),
+        }];
+        let mut open = th.open;
+        // A new escalation or a rise sends a directive; a trigger that
+        // attaches to the thread's open escalation reports it, and the
+        // referral already sent stands.
+        let (write, escalation_id, directive) = match &trigger {
+            None => (None, None, None),
+            Some(t) => match escalation::step(th.open, t) {
+                Step::Attach(o) => (None, Some(o.id), None),
+                step => {
+                    let (id, write, action) = match step {
+                        Step::Raise(o) => (
+                            o.id,
+                            EscalationWrite::Raise {
+                                id: o.id,
+                                severity: t.severity,
+                            },
+                            "escalation.raise",
+                        ),
+                        _ => {
+                            let e = core.new_escalation(
+                                t,
+                                &m.practice,
+                                &m.patient,
+                                origin.clone(),
+                                m.id.as_str(),
+                            );
+                            (
+                                e.id,
+                                EscalationWrite::Create(Box::new(e)),
+                                "escalation.create",
+                            )
+                        }
+                    };
+                    audit.push(Core::escalation_audit(
+                        &who.name,
+                        &request_id,
+                        action,
+                        id,
+                        &origin,
+                        t,
+                    ));
+                    open = Some(Open {
+                        id,
+                        severity: t.severity,
+                    });
+                    let d = core.directive(
+                        id,
+                        t,
+                        m.practice.as_str(),
+                        m.language.as_str(),
+                        m.id.as_str(),
+                    );
+                    (Some(write), Some(id), Some(d))
+                }
+            },
+        };
+        let v = MessageVerdict {
+            escalation_id,
+            directive,
+        };
+        match core
+            .store
+            .record_message(&m.id, &v, write, audit)
+            .await
+            .map_err(unavailable)?
+        {
+            Recorded::Duplicate => {
+                // Another request with this id won the race: its verdict stands.
+                let first = core
+                    .store
+                    .message_verdict(&m.id)
+                    .await
+                    .map_err(unavailable)?;
+                return Ok(Response::new(
+                    first.as_ref().map_or_else(|| verdict(&v), verdict),
+                ));
+            }
+            Recorded::New => {}
+        }
+        th.stream = stream;
+        th.open = open;
+        th.last_ms = now;
+        if let (Some(d), Some(t)) = (&v.directive, &trigger) {
+            let id = &d.escalation_id;
+            tracing::info!(thread_id = %m.thread, message_id = %m.id, escalation_id = %id, tier = t.tier.as_str(), severity = t.severity.as_str(), rule = %t.rule_id, "escalation");
+            metrics::counter!("crisisd_escalations_total", "tier" => t.tier.as_str(), "severity" => t.severity.as_str()).increment(1);
+        }
+        Ok(Response::new(verdict(&v)))
+    }
+
+    async fn get_escalation(
+        &self,
+        req: Request<pb::GetEscalationRequest>,
+    ) -> Result<Response<pb::Escalation>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Responder, Role::Admin])?;
+        let request_id = request_id(&req);
+        let id = EscalationId::parse(&req.get_ref().escalation_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let core = &self.core;
+        let e = core
+            .store
+            .get_escalation(id)
+            .await
+            .map_err(|e| {
+                tracing::error!(escalation_id = %id, error = %e, "store failed");
+                Status::unavailable("the store is unavailable")
+            })?
+            // A responder sees its own practice only; others' escalations
+            // are as if absent.
+            .filter(|e| who.is_admin() || e.practice.as_str() == who.practice)
+            .ok_or_else(|| Status::not_found("no such escalation"))?;
+        core.store
+            .audit(AuditEvent {
+                actor: who.name.clone(),
+                request_id,
+                action: "escalation.get".to_string(),
+                subject: format!("escalation:{id}"),
+                detail: serde_json::json!({}),
+            })
+            .await
+            .map_err(|_| Status::unavailable("the store is unavailable"))?;
+        Ok(Response::new(convert::escalation(&e)))
+    }
+
+    async fn list_escalations(
+        &self,
+        req: Request<pb::ListEscalationsRequest>,
+    ) -> Result<Response<pb::ListEscalationsResponse>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Responder, Role::Admin])?;
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        let practice = match (r.practice_id.as_str(), who.is_admin()) {
+            ("", true) => None,
+            ("", false) => Some(who.practice.clone()),
+            (p, admin) => {
+                if !admin && p != who.practice {
+                    return Err(Status::permission_denied(
+                        "a responder reads its own practice only",
+                    ));
+                }
+                Some(p.to_string())
+            }
+        };
+        let practice = practice
+            .map(|p| {
+                crate::ids::PracticeId::parse(&p)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            })
+            .transpose()?;
+        let limit = match r.page_size {
+            0 => 50,
+            n @ 1..=500 => n,
+            _ => return Err(Status::invalid_argument("page_size must be 0-500")),
+        };
+        if r.since_ms < 0 || r.until_ms < 0 {
+            return Err(Status::invalid_argument(
+                "since_ms and until_ms must not be negative",
+            ));
+        }
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_page_token(&r.page_token)?)
+        };
+        let q = EscalationQuery {
+            practice,
+            state: convert::state_filter(r.state)?,
+            since_ms: (r.since_ms > 0).then_some(r.since_ms),
+            until_ms: (r.until_ms > 0).then_some(r.until_ms),
+            limit: limit + 1,
+            after,
+        };
+        let core = &self.core;
+        let mut rows = core.store.list_escalations(&q).await.map_err(|e| {
+            tracing::error!(error = %e, "store failed");
+            Status::unavailable("the store is unavailable")
+        })?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => format!("{}.{}", last.created_at_ms, last.id),
+            _ => String::new(),
+        };
+        core.store
+            .audit(AuditEvent {
+                actor: who.name.clone(),
+                request_id,
+                action: "escalation.list".to_string(),
+                subject: format!(
+                    "practice:{}",
+                    q.practice.as_ref().map_or("*", |p| p.as_str())
+                ),
+                detail: serde_json::json!({ "returned": rows.len() }),
+            })
+            .await
+            .map_err(|_| Status::unavailable("the store is unavailable"))?;
+        Ok(Response::new(pb::ListEscalationsResponse {
+            escalations: rows.iter().map(convert::escalation).collect(),
+            next_page_token,
+        }))
+    }
+}
+
+fn parse_page_token(t: &str) -> Result<(i64, String), Status> {
+    let bad = || Status::invalid_argument("page_token is not one this server issued");
+    let (ms, id) = t.split_once('.').ok_or_else(bad)?;
+    let ms: i64 = ms.parse().map_err(|_| bad())?;
+    let id = EscalationId::parse(id).map_err(|_| bad())?;
+    Ok((ms, id.to_string()))
+}
+
+fn verdict(v: &MessageVerdict) -> pb::MessageVerdict {
+    match v.escalation_id {
+        Some(id) => pb::MessageVerdict {
+            outcome: pb::Outcome::Escalated as i32,
+            directive: v.directive.as_ref().map(convert::directive),
+            escalation_id: id.to_string(),
+        },
+        None => pb::MessageVerdict {
+            outcome: pb::Outcome::None as i32,
+            directive: None,
+            escalation_id: String::new(),
+        },
+    }
+}

@@ -1,0 +1,152 @@
+//! `crisisd serve`: the wiring. Tier 1 is compiled before the first
+//! connection is accepted, and nothing on the detection path waits for a
+//! cloud credential or endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::api::auth::Auth;
+use crate::api::pb;
+use crate::api::pb::crisis_detection_server::CrisisDetectionServer;
+use crate::api::service::{Core, Service};
+use crate::config::Config;
+use crate::pager::{self, Notifier};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::tier1::Matcher;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("the shipped rules do not compile: {0}")]
+    Rules(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("config key {key}: reading {path}: {source}")]
+    TlsFile {
+        key: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("reflection service: {0}")]
+    Reflection(String),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
+/// What the server runs with, printed at start.
+pub fn describe(config: &Config, addr: SocketAddr, matcher: &Matcher) -> String {
+    let tls = match (config.tls.enabled(), config.tls.client_ca.is_empty()) {
+        (false, _) => "plaintext (loopback only)",
+        (true, true) => "TLS",
+        (true, false) => "mutual TLS",
+    };
+    let tokens = if config.tokens.is_empty() {
+        "none: every call is allowed (loopback only)".to_string()
+    } else {
+        format!("{}", config.tokens.len())
+    };
+    let metrics = if config.metrics_listen.is_empty() {
+        "off".to_string()
+    } else {
+        format!("http://{}/metrics", config.metrics_listen)
+    };
+    let (rules, exclusions) = (
+        matcher.rules().rules.len(),
+        matcher.rules().exclusions.len(),
+    );
+    format!(
+        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: no classifier configured: a review escalates by the fail-safe rule\n  pager: console (prints the page it would send)\n  metrics: {metrics}",
+        version = env!("CARGO_PKG_VERSION"),
+        db = config.database_path().display(),
+        patterns = matcher.pattern_count(),
+    )
+}
+
+async fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+    if !config.tls.enabled() {
+        return Ok(None);
+    }
+    let read = |key: &'static str, path: String| async move {
+        tokio::fs::read(&path)
+            .await
+            .map_err(|source| ServeError::TlsFile { key, path, source })
+    };
+    let cert = read("tls.cert", config.tls.cert.clone()).await?;
+    let key = read("tls.key", config.tls.key.clone()).await?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if !config.tls.client_ca.is_empty() {
+        let ca = read("tls.client_ca", config.tls.client_ca.clone()).await?;
+        tls = tls.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(Some(tls))
+}
+
+/// Serves on `listener` until `shutdown` completes, then finishes what is
+/// in flight and closes the store. `notifier` delivers pages (the console
+/// when None).
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    notifier: Option<Arc<dyn Notifier>>,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Listener)?;
+    let matcher = Arc::new(Matcher::builtin().map_err(ServeError::Rules)?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path()).await?);
+    let tls = tls(&config).await?;
+    println!("{}", describe(&config, addr, &matcher));
+    let auth = Auth::new(&config);
+    if auth.is_open() {
+        tracing::warn!("no tokens configured: every call is allowed; loopback only");
+    }
+    let frame_limit = config
+        .limits
+        .max_utterance_bytes
+        .max(config.limits.max_message_bytes)
+        + 64 * 1024;
+    let config = Arc::new(config);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let notifier = notifier.unwrap_or_else(|| Arc::new(pager::console::Console));
+    let pager = tokio::spawn(pager::run(store.clone(), notifier, stop_rx));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CrisisDetectionServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let service = Service::new(Core::new(matcher, store.clone(), config.clone()));
+    let crisis = InterceptedService::new(
+        CrisisDetectionServer::new(service)
+            .max_decoding_message_size(frame_limit)
+            .max_encoding_message_size(frame_limit),
+        move |req| auth.intercept(req),
+    );
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let result = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(crisis)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    tracing::info!("shutting down: in-flight requests finished");
+    let _ = stop_tx.send(true);
+    let _ = pager.await;
+    store.close().await;
+    tracing::info!("store closed");
+    result.map_err(ServeError::from)
+}
