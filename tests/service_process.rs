@@ -1,0 +1,340 @@
+//! The real `crisisd serve` process: PHI never reaches its output, SIGTERM
+//! shuts it down cleanly, and the audit log it leaves verifies, and stops
+//! verifying when tampered with.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use crisisd::api::pb;
+use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
+use sqlx::Connection;
+
+/// Kills the server if the test fails before stopping it.
+struct Server {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn drain(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+fn crisisd(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_crisisd"));
+    c.current_dir(dir)
+        .env("CRISISD_DATA_DIR", dir.join("data"))
+        .env_remove("CRISISD_CONFIG");
+    c
+}
+
+fn start() -> Server {
+    let dir = temp_dir("process");
+    let mut child = crisisd(&dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("CRISISD_LOG_LEVEL", "debug")
+        .env("CRISISD_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn crisisd serve");
+    let out = Arc::new(Mutex::new(String::new()));
+    let err = Arc::new(Mutex::new(String::new()));
+    drain(child.stdout.take().expect("stdout"), out.clone());
+    drain(child.stderr.take().expect("stderr"), err.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let text = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(addr) = text.lines().find_map(|l| {
+            l.split_once(" listening on ")
+                .map(|(_, a)| a.trim().to_string())
+        }) {
+            break addr;
+        }
+        assert!(Instant::now() < deadline, "server did not start: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Server {
+        child,
+        out,
+        err,
+        addr,
+        dir,
+    }
+}
+
+/// Sends SIGTERM and waits for a clean exit.
+fn terminate(s: &mut Server) {
+    let status = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = s.child.try_wait().expect("wait") {
+            assert!(st.success(), "crisisd exited with {st}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "crisisd did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// The canary: what a patient might say and who they are.
+const NAME: &str = "Zebulon Quixote";
+const PHONE: &str = "+15555550199";
+const PATIENT: &str = "CANARYPATIENT-4242";
+
+async fn send_canary_everywhere(addr: &str) {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut c = CrisisDetectionClient::new(ch);
+    let sentence = format!("this is {NAME}, call me at {PHONE}, I want to kill myself");
+    use pb::Speaker::{Agent, Patient};
+    // A call: partials, final, agent speech, a severity rise.
+    let (ds, status) = play(
+        &mut c,
+        None,
+        vec![
+            started("canary-call", PATIENT, "p1", "en"),
+            said("a1", Agent, &format!("Hello {NAME}, how can I help?"), true),
+            said("u1", Patient, &sentence[..30], false),
+            said("u1", Patient, &sentence, true),
+            said(
+                "u2",
+                Patient,
+                &format!(
+                    "I have the pills saved up and I'm going to take them all tonight. {PHONE}"
+                ),
+                true,
+            ),
+            ended(),
+        ],
+    )
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    assert!(!ds.is_empty());
+    // Bad streams carrying the canary.
+    for events in [
+        vec![patient("u1", &sentence)],
+        vec![
+            started("canary-bad", PATIENT, "p1", "en"),
+            said(
+                "u1",
+                Patient,
+                &format!("{sentence} {}", "z".repeat(5000)),
+                true,
+            ),
+        ],
+        vec![
+            started("canary-bad2", PATIENT, "p1", "en"),
+            said("u1", pb::Speaker::Unspecified, &sentence, true),
+        ],
+        vec![started(&format!("{PATIENT} {NAME}"), PATIENT, "p1", "en")],
+    ] {
+        let (_, status) = play(&mut c, None, events).await;
+        assert!(status.is_some());
+    }
+    // Texts: escalating, repeated, invalid.
+    let m = |id: &str, thread: &str, text: &str| pb::InboundMessage {
+        message_id: id.into(),
+        patient_id: PATIENT.into(),
+        practice_id: "p1".into(),
+        thread_id: thread.into(),
+        text: text.into(),
+        language: "en".into(),
+    };
+    let v = c
+        .submit_message(authed(m("canary-m1", "canary-t1", &sentence), None))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(v.outcome, pb::Outcome::Escalated as i32);
+    c.submit_message(authed(m("canary-m1", "canary-t1", &sentence), None))
+        .await
+        .expect("repeat");
+    assert!(
+        c.submit_message(authed(
+            m("canary-m2", &format!("t {PHONE}"), &sentence),
+            None
+        ))
+        .await
+        .is_err()
+    );
+    assert!(
+        c.submit_message(authed(
+            m("canary-m3", "canary-t1", &sentence.repeat(600)),
+            None
+        ))
+        .await
+        .is_err()
+    );
+    // Reads.
+    let e = c
+        .get_escalation(authed(
+            pb::GetEscalationRequest {
+                escalation_id: v.escalation_id.clone(),
+            },
+            None,
+        ))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        e.patient_id, PATIENT,
+        "the API returns PHI to an authorized reader"
+    );
+    c.list_escalations(authed(pb::ListEscalationsRequest::default(), None))
+        .await
+        .expect("list");
+}
+
+fn run_cli(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = crisisd(dir).args(args).output().expect("run crisisd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn sql(dir: &Path, statements: &str) -> Result<(), sqlx::Error> {
+    let url = format!("sqlite://{}", dir.join("data").join("crisisd.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_string()))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await
+}
+
+#[test]
+fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
+    let mut server = start();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(send_canary_everywhere(&server.addr));
+    terminate(&mut server);
+    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let err = server.err.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let all = format!("{out}\n{err}");
+    // The capture is real: ids and events are there...
+    for expected in [
+        "canary-call",
+        "canary-t1",
+        "escalation",
+        "stream closed",
+        "store closed",
+        "PAGE",
+    ] {
+        assert!(all.contains(expected), "output lacks {expected:?}:\n{all}");
+    }
+    // ...and nothing of the patient is.
+    for canary in [
+        NAME,
+        "Zebulon",
+        "Quixote",
+        PHONE,
+        "5555550199",
+        PATIENT,
+        "kill myself",
+        "pills",
+    ] {
+        assert!(!all.contains(canary), "output contains {canary:?}:\n{all}");
+    }
+
+    let dir = server.dir.clone();
+    let (ok, text) = run_cli(&dir, &["audit", "verify"]);
+    assert!(ok && text.contains("audit log intact"), "{text}");
+    let (ok, export) = run_cli(&dir, &["audit", "export"]);
+    assert!(ok);
+    let rows = export.lines().count();
+    assert!(rows >= 10, "{export}");
+    for canary in [NAME, PHONE, PATIENT, "kill myself"] {
+        assert!(!export.contains(canary), "audit holds {canary:?}");
+    }
+    for action in [
+        "stream.open",
+        "stream.close",
+        "message",
+        "escalation.create",
+        "escalation.raise",
+        "escalation.get",
+        "escalation.list",
+    ] {
+        assert!(
+            export.contains(&format!("\"action\":\"{action}\"")),
+            "no {action} row"
+        );
+    }
+    let (ok, since) = run_cli(
+        &dir,
+        &["audit", "export", "--since", "2999-01-01T00:00:00Z"],
+    );
+    assert!(ok && since.trim().is_empty());
+
+    rt.block_on(async {
+        // The database itself refuses to change or remove audit rows.
+        let e = sql(&dir, "UPDATE audit SET actor = 'x' WHERE seq = 2")
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("append-only"), "{e}");
+        let e = sql(&dir, "DELETE FROM audit WHERE seq = 2")
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains("append-only"), "{e}");
+        // Someone with the file drops the guard and edits a row.
+        sql(
+            &dir,
+            "DROP TRIGGER audit_no_update; UPDATE audit SET detail = '{}' WHERE seq = 2",
+        )
+        .await
+        .expect("tamper");
+    });
+    let (ok, text) = run_cli(&dir, &["audit", "verify"]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("row 2: altered"), "{text}");
+
+    rt.block_on(async {
+        sql(
+            &dir,
+            &format!(
+                "DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 4 OR seq = {rows}"
+            ),
+        )
+        .await
+        .expect("tamper");
+    });
+    let (ok, text) = run_cli(&dir, &["audit", "verify"]);
+    assert!(!ok);
+    assert!(text.contains("row 5: rows 4..4 are missing"), "{text}");
+    assert!(
+        text.contains(&format!("rows {rows}..{rows} are missing from the end")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
