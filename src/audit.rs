@@ -44,17 +44,10 @@ pub struct AuditRow {
 
 /// The hash of a row's fields and the link before it. Each field is
 /// length-prefixed, so no choice of field contents can mimic another row.
-pub fn row_hash(
-    prev_hash: &str,
-    seq: i64,
-    at_ms: i64,
-    actor: &str,
-    request_id: &str,
-    action: &str,
-    subject: &str,
-    detail: &str,
-) -> String {
+/// `text` is actor, request id, action, subject and detail, in that order.
+pub fn row_hash(prev_hash: &str, seq: i64, at_ms: i64, text: [&str; 5]) -> String {
     let mut h = Sha256::new();
+    let [actor, request_id, action, subject, detail] = text;
     for field in [
         prev_hash.as_bytes(),
         &seq.to_le_bytes(),
@@ -79,11 +72,7 @@ impl AuditRow {
             prev_hash,
             seq,
             at_ms,
-            &e.actor,
-            &e.request_id,
-            &e.action,
-            &e.subject,
-            &detail,
+            [&e.actor, &e.request_id, &e.action, &e.subject, &detail],
         );
         AuditRow {
             seq,
@@ -103,11 +92,13 @@ impl AuditRow {
             &self.prev_hash,
             self.seq,
             self.at_ms,
-            &self.actor,
-            &self.request_id,
-            &self.action,
-            &self.subject,
-            &self.detail,
+            [
+                &self.actor,
+                &self.request_id,
+                &self.action,
+                &self.subject,
+                &self.detail,
+            ],
         )
     }
 }

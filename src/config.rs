@@ -57,7 +57,7 @@ pub struct Token {
     pub practice: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// PEM certificate chain and key. Both or neither.
@@ -65,16 +65,6 @@ pub struct Tls {
     pub key: String,
     /// PEM CA for client certificates: set it to require mutual TLS.
     pub client_ca: String,
-}
-
-impl Default for Tls {
-    fn default() -> Self {
-        Tls {
-            cert: String::new(),
-            key: String::new(),
-            client_ca: String::new(),
-        }
-    }
 }
 
 impl Tls {
@@ -568,7 +558,9 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_never_the_value() {
         let secret = "s3cr3t-value";
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        // (config file, environment, key the error must name)
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 "",
                 &[("CRISISD_LIMITS_MAX_STREAMZ", secret)],

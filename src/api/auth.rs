@@ -137,21 +137,23 @@ mod tests {
     use crate::config::Token;
 
     fn auth() -> Auth {
-        let mut c = Config::default();
-        c.tokens = vec![
-            Token {
-                name: "voice-runtime".into(),
-                role: Role::Voice,
-                sha256: token_hash("voice-secret"),
-                practice: String::new(),
-            },
-            Token {
-                name: "oncall".into(),
-                role: Role::Responder,
-                sha256: token_hash("responder-secret"),
-                practice: "p1".into(),
-            },
-        ];
+        let c = Config {
+            tokens: vec![
+                Token {
+                    name: "voice-runtime".into(),
+                    role: Role::Voice,
+                    sha256: token_hash("voice-secret"),
+                    practice: String::new(),
+                },
+                Token {
+                    name: "oncall".into(),
+                    role: Role::Responder,
+                    sha256: token_hash("responder-secret"),
+                    practice: "p1".into(),
+                },
+            ],
+            ..Default::default()
+        };
         Auth::new(&c)
     }
 

@@ -24,8 +24,11 @@ pub struct Thread {
     pub last_ms: i64,
 }
 
+/// Threads by (practice, thread id).
+type ThreadMap = LruCache<(String, String), Arc<Mutex<Thread>>>;
+
 pub struct Threads {
-    map: std::sync::Mutex<LruCache<(String, String), Arc<Mutex<Thread>>>>,
+    map: std::sync::Mutex<ThreadMap>,
     window_ms: i64,
 }
 
