@@ -1,10 +1,13 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`,
 //! so a committed escalation survives a crash or a power cut.
 //!
-//! SQLite has one writer at a time; so does this store. Writes go through
-//! one connection behind a mutex that also holds the audit chain's head, so
-//! appending to the chain never reads it back. Reads use a small pool of
-//! their own and never wait for a write.
+//! SQLite has one writer at a time; so does this store. One task owns the
+//! write connection and the audit chain's head (so appending to the chain
+//! never reads it back). It commits in groups: whatever writes are waiting
+//! when it is free go into one transaction, each inside its own savepoint,
+//! so one fsync covers them all and one failing write undoes only itself.
+//! No write is answered before its group is durable. Reads use a small pool
+//! of their own and never wait for a write.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -16,7 +19,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{EscalationQuery, EscalationWrite, MessageVerdict, Page, Recorded, Store, StoreError};
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
@@ -92,13 +95,84 @@ BEGIN SELECT RAISE(ABORT, 'the audit head cannot be removed'); END;
 "#;
 
 /// The chain's head: the last row's sequence number and hash.
+#[derive(Clone)]
 struct Head {
     seq: i64,
     hash: String,
 }
 
+/// Writes waiting for the writer. A full queue makes callers wait:
+/// back-pressure, never a dropped write.
+const WRITE_QUEUE: usize = 1024;
+/// Most writes committed together.
+const GROUP: usize = 128;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Job {
+    Escalate {
+        write: EscalationWrite,
+        audit: AuditEvent,
+        reply: Reply<()>,
+    },
+    Message {
+        message: String,
+        escalation_id: Option<String>,
+        directive: Option<String>,
+        write: Option<EscalationWrite>,
+        audit: Vec<AuditEvent>,
+        reply: Reply<Recorded>,
+    },
+    Audit {
+        event: AuditEvent,
+        reply: Reply<()>,
+    },
+    PageDelivered {
+        page: i64,
+        at_ms: i64,
+        reply: Reply<()>,
+    },
+    PageFailed {
+        page: i64,
+        retry_at_ms: i64,
+        reply: Reply<()>,
+    },
+}
+
+/// A job's outcome, sent once its group has committed.
+enum Done {
+    Unit(Reply<()>, Result<(), StoreError>),
+    Recorded(Reply<Recorded>, Result<Recorded, StoreError>),
+}
+
+impl Done {
+    fn fail(self, op: &'static str, message: &str) {
+        let e = || corrupt(op, message.to_string());
+        match self {
+            Done::Unit(r, _) => {
+                let _ = r.send(Err(e()));
+            }
+            Done::Recorded(r, _) => {
+                let _ = r.send(Err(e()));
+            }
+        }
+    }
+
+    fn send(self) {
+        match self {
+            Done::Unit(r, v) => {
+                let _ = r.send(v);
+            }
+            Done::Recorded(r, v) => {
+                let _ = r.send(v);
+            }
+        }
+    }
+}
+
 pub struct SqliteStore {
-    writer: Mutex<(SqlitePool, Head)>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     reader: SqlitePool,
 }
 
@@ -153,10 +227,209 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let task = tokio::spawn(write_loop(writer, head, rx));
         Ok(SqliteStore {
-            writer: Mutex::new((writer, head)),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(task)),
             reader,
         })
+    }
+
+    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let tx = self.jobs.lock().await.clone();
+        let closed = || corrupt("write", "the store is closed");
+        tx.ok_or_else(closed)?
+            .send(make(reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+/// The writer: takes what is queued, commits it as one group, answers.
+async fn write_loop(pool: SqlitePool, mut head: Head, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(GROUP);
+    while rx.recv_many(&mut batch, GROUP).await > 0 {
+        let mut done = Vec::with_capacity(batch.len());
+        let result = commit_group(&pool, &mut head, batch.drain(..), &mut done).await;
+        match result {
+            Ok(new_head) => {
+                head = new_head;
+                for d in done {
+                    d.send();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = done.len(), "committing a group of writes failed");
+                let message = e.to_string();
+                for d in done {
+                    d.fail("commit", &message);
+                }
+            }
+        }
+    }
+    pool.close().await;
+}
+
+async fn commit_group(
+    pool: &SqlitePool,
+    head: &mut Head,
+    jobs: impl Iterator<Item = Job>,
+    done: &mut Vec<Done>,
+) -> Result<Head, StoreError> {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            // Answer every job of the group; nothing was written.
+            let message = e.to_string();
+            for job in jobs {
+                job_reply(job).fail("begin", &message);
+            }
+            return Err(StoreError::Db {
+                op: "begin",
+                source: e,
+            });
+        }
+    };
+    let mut h = head.clone();
+    for job in jobs {
+        sqlx::raw_sql("SAVEPOINT job")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("savepoint"))?;
+        let before = h.clone();
+        let (reply, outcome) = run_job(&mut tx, &mut h, job).await;
+        let ok = outcome.is_ok();
+        if ok {
+            sqlx::raw_sql("RELEASE job")
+                .execute(&mut *tx)
+                .await
+                .map_err(db("savepoint"))?;
+        } else {
+            h = before;
+            sqlx::raw_sql("ROLLBACK TO job; RELEASE job")
+                .execute(&mut *tx)
+                .await
+                .map_err(db("savepoint"))?;
+        }
+        done.push(match (reply, outcome) {
+            (JobReply::Unit(r), o) => Done::Unit(r, o.map(|_| ())),
+            (JobReply::Recorded(r), o) => Done::Recorded(r, o),
+        });
+    }
+    tx.commit().await.map_err(db("commit"))?;
+    Ok(h)
+}
+
+enum JobReply {
+    Unit(Reply<()>),
+    Recorded(Reply<Recorded>),
+}
+
+fn job_reply(job: Job) -> Done {
+    let e = Ok(());
+    match job {
+        Job::Escalate { reply, .. }
+        | Job::Audit { reply, .. }
+        | Job::PageDelivered { reply, .. }
+        | Job::PageFailed { reply, .. } => Done::Unit(reply, e),
+        Job::Message { reply, .. } => Done::Recorded(reply, Ok(Recorded::New)),
+    }
+}
+
+/// Runs one job inside the group's transaction. `Ok(Recorded)` for every
+/// job that wrote (messages may be duplicates).
+async fn run_job(
+    tx: &mut Transaction<'_, Sqlite>,
+    head: &mut Head,
+    job: Job,
+) -> (JobReply, Result<Recorded, StoreError>) {
+    match job {
+        Job::Escalate {
+            write,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                write_escalation(tx, &write).await?;
+                *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                Ok(Recorded::New)
+            }
+            .await;
+            (JobReply::Unit(reply), r)
+        }
+        Job::Audit { event, reply } => {
+            let r = async {
+                *head = append_audit(tx, head, std::slice::from_ref(&event)).await?;
+                Ok(Recorded::New)
+            }
+            .await;
+            (JobReply::Unit(reply), r)
+        }
+        Job::Message {
+            message,
+            escalation_id,
+            directive,
+            write,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                let inserted = sqlx::query(
+                    "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
+                     VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                )
+                .bind(&message)
+                .bind(escalation_id)
+                .bind(directive)
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await
+                .map_err(db("recording a message"))?
+                .rows_affected();
+                if inserted == 0 {
+                    // Seen before: the first verdict stands, nothing changes.
+                    return Ok(Recorded::Duplicate);
+                }
+                if let Some(write) = &write {
+                    write_escalation(tx, write).await?;
+                }
+                *head = append_audit(tx, head, &audit).await?;
+                Ok(Recorded::New)
+            }
+            .await;
+            (JobReply::Recorded(reply), r)
+        }
+        Job::PageDelivered { page, at_ms, reply } => {
+            let r = sqlx::query(
+                "UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1 WHERE id = ?",
+            )
+            .bind(at_ms)
+            .bind(page)
+            .execute(&mut **tx)
+            .await
+            .map(|_| Recorded::New)
+            .map_err(db("marking a page delivered"));
+            (JobReply::Unit(reply), r)
+        }
+        Job::PageFailed {
+            page,
+            retry_at_ms,
+            reply,
+        } => {
+            let r = sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ? WHERE id = ?",
+            )
+            .bind(retry_at_ms)
+            .bind(page)
+            .execute(&mut **tx)
+            .await
+            .map(|_| Recorded::New)
+            .map_err(db("marking a page failed"));
+            (JobReply::Unit(reply), r)
+        }
     }
 }
 
@@ -330,14 +603,12 @@ fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError> {
-        let mut w = self.writer.lock().await;
-        let (pool, head) = &mut *w;
-        let mut tx = pool.begin().await.map_err(db("begin"))?;
-        write_escalation(&mut tx, &write).await?;
-        let new_head = append_audit(&mut tx, head, std::slice::from_ref(&audit)).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        *head = new_head;
-        Ok(())
+        self.submit(|reply| Job::Escalate {
+            write,
+            audit,
+            reply,
+        })
+        .await
     }
 
     async fn record_message(
@@ -354,33 +625,15 @@ impl Store for SqliteStore {
             ),
             None => None,
         };
-        let mut w = self.writer.lock().await;
-        let (pool, head) = &mut *w;
-        let mut tx = pool.begin().await.map_err(db("begin"))?;
-        let inserted = sqlx::query(
-            "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
-             VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-        )
-        .bind(message.as_str())
-        .bind(verdict.escalation_id.map(|e| e.to_string()))
-        .bind(directive)
-        .bind(now_ms())
-        .execute(&mut *tx)
+        self.submit(|reply| Job::Message {
+            message: message.as_str().to_string(),
+            escalation_id: verdict.escalation_id.map(|e| e.to_string()),
+            directive,
+            write,
+            audit,
+            reply,
+        })
         .await
-        .map_err(db("recording a message"))?
-        .rows_affected();
-        if inserted == 0 {
-            // Seen before: the first verdict stands and nothing changes.
-            tx.rollback().await.map_err(db("rollback"))?;
-            return Ok(Recorded::Duplicate);
-        }
-        if let Some(write) = &write {
-            write_escalation(&mut tx, write).await?;
-        }
-        let new_head = append_audit(&mut tx, head, &audit).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        *head = new_head;
-        Ok(Recorded::New)
     }
 
     async fn message_verdict(
@@ -412,13 +665,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        let mut w = self.writer.lock().await;
-        let (pool, head) = &mut *w;
-        let mut tx = pool.begin().await.map_err(db("begin"))?;
-        let new_head = append_audit(&mut tx, head, std::slice::from_ref(&event)).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        *head = new_head;
-        Ok(())
+        self.submit(|reply| Job::Audit { event, reply }).await
     }
 
     async fn get_escalation(&self, id: EscalationId) -> Result<Option<Escalation>, StoreError> {
@@ -524,32 +771,29 @@ impl Store for SqliteStore {
     }
 
     async fn page_delivered(&self, page: i64, now_ms: i64) -> Result<(), StoreError> {
-        let w = self.writer.lock().await;
-        sqlx::query("UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1 WHERE id = ?")
-            .bind(now_ms)
-            .bind(page)
-            .execute(&w.0)
-            .await
-            .map_err(db("marking a page delivered"))?;
-        Ok(())
+        self.submit(|reply| Job::PageDelivered {
+            page,
+            at_ms: now_ms,
+            reply,
+        })
+        .await
     }
 
     async fn page_failed(&self, page: i64, retry_at_ms: i64) -> Result<(), StoreError> {
-        let w = self.writer.lock().await;
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ? WHERE id = ?",
-        )
-        .bind(retry_at_ms)
-        .bind(page)
-        .execute(&w.0)
+        self.submit(|reply| Job::PageFailed {
+            page,
+            retry_at_ms,
+            reply,
+        })
         .await
-        .map_err(db("marking a page failed"))?;
-        Ok(())
     }
 
     async fn close(&self) {
+        // Closing the queue lets the writer finish what is queued, then stop.
+        self.jobs.lock().await.take();
+        if let Some(task) = self.writer.lock().await.take() {
+            let _ = task.await;
+        }
         self.reader.close().await;
-        let w = self.writer.lock().await;
-        w.0.close().await;
     }
 }
