@@ -173,7 +173,40 @@ impl Done {
 pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    checkpoints: Mutex<
+        Option<(
+            tokio::sync::watch::Sender<bool>,
+            tokio::task::JoinHandle<()>,
+        )>,
+    >,
     reader: SqlitePool,
+}
+
+/// How often the WAL is copied into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Passive checkpoints: they never wait for, or block, the writer. A last
+/// full one at close leaves the database file complete.
+async fn checkpoint_loop(pool: SqlitePool, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            _ = stop.changed() => {}
+        }
+        let last = *stop.borrow();
+        let mode = if last {
+            "PRAGMA wal_checkpoint(TRUNCATE)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        if let Err(e) = sqlx::raw_sql(mode).execute(&pool).await {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        if last {
+            pool.close().await;
+            return;
+        }
+    }
 }
 
 fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -207,10 +240,14 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // The writer never checkpoints: copying the WAL into the database
+        // (and its fsync) would stall whichever commit crossed the
+        // threshold, an escalation among them. A connection of its own does
+        // it in the background.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(|e| open_err(e.to_string()))?;
         migrate(&writer).await?;
@@ -224,14 +261,22 @@ impl SqliteStore {
         };
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let checkpoints = tokio::spawn(checkpoint_loop(checkpointer, stopped));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let task = tokio::spawn(write_loop(writer, head, rx));
         Ok(SqliteStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(task)),
+            checkpoints: Mutex::new(Some((stop, checkpoints))),
             reader,
         })
     }
@@ -792,6 +837,10 @@ impl Store for SqliteStore {
         // Closing the queue lets the writer finish what is queued, then stop.
         self.jobs.lock().await.take();
         if let Some(task) = self.writer.lock().await.take() {
+            let _ = task.await;
+        }
+        if let Some((stop, task)) = self.checkpoints.lock().await.take() {
+            let _ = stop.send(true);
             let _ = task.await;
         }
         self.reader.close().await;
