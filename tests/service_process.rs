@@ -49,10 +49,36 @@ fn crisisd(dir: &Path) -> Command {
     c
 }
 
-fn start() -> Server {
+/// A port free right now, for the metrics listener.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET http://127.0.0.1:port/metrics.
+fn scrape(port: u16) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+fn start(metrics_port: u16) -> Server {
     let dir = temp_dir("process");
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let mut child = crisisd(&dir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics,
+        ])
         .env("CRISISD_LOG_LEVEL", "debug")
         .env("CRISISD_LOG_FORMAT", "json")
         .stdout(Stdio::piped())
@@ -235,9 +261,48 @@ async fn sql(dir: &Path, statements: &str) -> Result<(), sqlx::Error> {
 
 #[test]
 fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
-    let mut server = start();
+    let metrics_port = free_port();
+    let mut server = start(metrics_port);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(send_canary_everywhere(&server.addr));
+    // The README's "try it": `crisisd stream FILE` against the server.
+    let call = server.dir.join("call.txt");
+    std::fs::write(
+        &call,
+        "hi, can I move my appointment?\nhonestly I just want to\nend my life\n",
+    )
+    .expect("write");
+    let (ok, text) = run_cli(
+        &server.dir,
+        &[
+            "stream",
+            "call.txt",
+            "--server",
+            &format!("http://{}", server.addr),
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("DIRECTIVE")
+            && text.contains("988")
+            && text.contains("1 conversations, 1 directives"),
+        "{text}"
+    );
+    let metrics = scrape(metrics_port);
+    for name in [
+        "crisisd_streams_total",
+        "crisisd_utterances_total",
+        "crisisd_messages_total",
+        "crisisd_detections_total",
+        "crisisd_escalations_total",
+        "crisisd_rejections_total",
+        "crisisd_directive_latency_seconds",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+    for canary in [NAME, PHONE, PATIENT, "canary-call"] {
+        assert!(!metrics.contains(canary), "metrics hold {canary:?}");
+    }
     terminate(&mut server);
     let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let err = server.err.lock().unwrap_or_else(|e| e.into_inner()).clone();
