@@ -33,6 +33,7 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod conversation;
 pub mod corpus;
 pub mod domain;
 pub mod escalation;

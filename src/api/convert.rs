@@ -4,6 +4,7 @@
 use tonic::Status;
 
 use super::pb;
+use crate::conversation::{CallStart, Language, LanguageError};
 use crate::domain::{EscalationState, Severity, Speaker, Tier};
 use crate::escalation::{Directive, Escalation};
 use crate::ids::{CallId, IdError, MessageId, PatientId, PracticeId, ThreadId, UtteranceId};
@@ -12,44 +13,12 @@ fn bad_id(e: IdError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// A language tag, reduced to what crisisd uses it for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Language(String);
-
-impl Language {
-    /// BCP 47-shaped: a 2-3 letter language, then subtags of 1-8 letters
-    /// or digits. Empty means English.
-    pub fn parse(field: &'static str, s: &str) -> Result<Language, Status> {
-        if s.is_empty() {
-            return Ok(Language("en".to_string()));
-        }
-        let mut parts = s.split(['-', '_']);
-        let lang = parts.next().unwrap_or_default();
-        let ok = s.len() <= 35
-            && (2..=3).contains(&lang.len())
-            && lang.bytes().all(|b| b.is_ascii_alphabetic())
-            && parts.all(|p| {
-                (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric())
-            });
-        if !ok {
-            return Err(Status::invalid_argument(format!(
-                "{field} must be a language tag such as en or es-MX"
-            )));
-        }
-        Ok(Language(s.to_ascii_lowercase().replace('_', "-")))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CallStart {
-    pub call: CallId,
-    pub patient: PatientId,
-    pub practice: PracticeId,
-    pub language: Language,
+fn language(field: &'static str, s: &str) -> Result<Language, Status> {
+    Language::parse(s).map_err(|LanguageError| {
+        Status::invalid_argument(format!(
+            "{field} must be a language tag such as en or es-MX"
+        ))
+    })
 }
 
 pub fn call_started(c: pb::CallStarted) -> Result<CallStart, Status> {
@@ -57,7 +26,7 @@ pub fn call_started(c: pb::CallStarted) -> Result<CallStart, Status> {
         call: CallId::parse(&c.call_id).map_err(bad_id)?,
         patient: PatientId::parse(&c.patient_id).map_err(bad_id)?,
         practice: PracticeId::parse(&c.practice_id).map_err(bad_id)?,
-        language: Language::parse("call_started.language", &c.language)?,
+        language: language("call_started.language", &c.language)?,
     })
 }
 
@@ -118,7 +87,7 @@ pub fn message(m: pb::InboundMessage, max_bytes: usize) -> Result<MessageIn, Sta
         patient: PatientId::parse(&m.patient_id).map_err(bad_id)?,
         practice: PracticeId::parse(&m.practice_id).map_err(bad_id)?,
         thread: ThreadId::parse(&m.thread_id).map_err(bad_id)?,
-        language: Language::parse("language", &m.language)?,
+        language: language("language", &m.language)?,
         text: String::new(),
     };
     check_text("text", &m.text, max_bytes)?;
@@ -211,7 +180,7 @@ mod tests {
             ("<script>", None),
         ];
         for (tag, want) in cases {
-            let got = Language::parse("language", tag);
+            let got = language("language", tag);
             assert_eq!(got.as_ref().ok().map(|l| l.as_str()), *want, "{tag:?}");
             if let Err(s) = got {
                 // One fixed message: nothing of the tag comes back.

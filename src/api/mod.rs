@@ -6,7 +6,6 @@
 pub mod auth;
 pub mod convert;
 pub mod service;
-pub mod threads;
 
 /// The generated `crisis.v1` types and service.
 #[allow(clippy::all, clippy::pedantic)]

@@ -8,7 +8,6 @@
 //! an idle stream `DEADLINE_EXCEEDED`; a store that cannot be written
 //! `UNAVAILABLE`. An error ends only its own stream.
 
-use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,24 +18,22 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::principal;
-use super::convert::{self, CallStart};
+use super::convert;
 use super::pb;
 use super::pb::crisis_detection_server::CrisisDetection;
-use super::threads::Threads;
 use crate::audit::AuditEvent;
 use crate::config::{Config, Role};
+use crate::conversation::{Call, Threads};
 use crate::domain::{EscalationState, Speaker};
 use crate::escalation::{self, Directive, Escalation, Open, Origin, Step, Trigger, now_ms};
-use crate::ids::{EscalationId, UtteranceId};
+use crate::ids::EscalationId;
 use crate::store::{EscalationQuery, EscalationWrite, MessageVerdict, Recorded, Store};
-use crate::tier1::{Action, Detection, Matcher, StreamState};
+use crate::tier1::{Action, Detection, Matcher};
 
 /// Directives waiting to go out on one stream. A client that does not read
 /// them stops being read from in turn (the send waits): back-pressure, not
 /// loss.
 const DIRECTIVE_QUEUE: usize = 16;
-/// Final utterance ids remembered per call, to ignore a repeated final.
-const FINALS_REMEMBERED: usize = 256;
 /// Attempts at recording an escalation before the directive goes anyway.
 const RECORD_ATTEMPTS: u32 = 3;
 
@@ -122,35 +119,6 @@ impl Bucket {
         } else {
             false
         }
-    }
-}
-
-/// One live call.
-struct Call {
-    start: CallStart,
-    stream: StreamState,
-    open: Option<Open>,
-    finals: HashSet<UtteranceId>,
-    finals_order: VecDeque<UtteranceId>,
-    utterances: u64,
-    escalations: u64,
-    directives: u64,
-}
-
-impl Call {
-    /// Whether this final was seen already; remembers it if not.
-    fn repeated_final(&mut self, id: &UtteranceId) -> bool {
-        if self.finals.contains(id) {
-            return true;
-        }
-        if self.finals_order.len() == FINALS_REMEMBERED
-            && let Some(old) = self.finals_order.pop_front()
-        {
-            self.finals.remove(&old);
-        }
-        self.finals.insert(id.clone());
-        self.finals_order.push_back(id.clone());
-        false
     }
 }
 
@@ -302,16 +270,7 @@ impl Core {
             })?;
         tracing::info!(%call_id, %request_id, "stream opened");
         metrics::counter!("crisisd_streams_total").increment(1);
-        let mut call = Call {
-            start,
-            stream: StreamState::new(),
-            open: None,
-            finals: HashSet::new(),
-            finals_order: VecDeque::new(),
-            utterances: 0,
-            escalations: 0,
-            directives: 0,
-        };
+        let mut call = Call::new(start);
         let result = self
             .call_events(inbound, tx, actor, request_id, &mut call, idle)
             .await;
