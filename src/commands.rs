@@ -1,4 +1,4 @@
-//! The service-side commands of the CLI: serve, stream, audit, token.
+//! The service-side commands of the CLI: serve, stream, oncall, audit, token.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use crisisd::audit;
 use crisisd::config::{CONFIG_VAR, Config};
 use crisisd::corpus::{self, Conversation};
 use crisisd::domain::{Channel as Chan, Speaker};
+use crisisd::roster::{Clinician, Roster};
 use crisisd::store::Store;
 use crisisd::store::sqlite::SqliteStore;
 
@@ -246,6 +247,35 @@ pub fn stream(
         println!("{} conversations, {directives} directives", convs.len());
         Ok::<_, anyhow::Error>(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the primary (or that nobody is on call) and the backup, with
+/// names and numbers: this is the operator's own check of the roster.
+pub fn oncall(roster_file: &Path, practice: &str, at: Option<&str>) -> Result<ExitCode> {
+    let at = match at {
+        Some(s) => s.parse::<jiff::Timestamp>().map_err(|_| {
+            anyhow!(
+                "--at must be RFC 3339 with an offset, such as 2026-11-23T15:00:00-05:00 \
+                 or 2026-11-23T20:00:00Z"
+            )
+        })?,
+        None => jiff::Timestamp::now(),
+    };
+    let roster = Roster::load(roster_file)?;
+    let Some(on_call) = roster.on_call(practice, at) else {
+        bail!(
+            "practice {practice:?} is not in the roster {} (its practices: {})",
+            roster_file.display(),
+            roster.practice_ids().collect::<Vec<_>>().join(", ")
+        );
+    };
+    let show = |c: &Clinician| format!("{} {} {}", c.id, c.name, c.phone.expose());
+    match on_call.primary {
+        Some(c) => println!("primary: {}", show(c)),
+        None => println!("primary: nobody on call (the backup is paged)"),
+    }
+    println!("backup: {}", show(on_call.backup));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -70,6 +70,12 @@ id_type!(
     "utterance_id"
 );
 id_type!(MessageId, "message_id");
+id_type!(
+    /// A clinician in the on-call roster. Not PHI, unlike their name and
+    /// phone number: logs and errors may carry it.
+    ClinicianId,
+    "clinician_id"
+);
 
 /// A patient: PHI. Prints as `<patient>`.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -83,6 +83,19 @@ enum Command {
         #[arg(long, default_value = "demo-practice")]
         practice: String,
     },
+    /// Print who an escalation for a practice would page at TIME: the
+    /// clinician on call, if any, and the backup.
+    Oncall {
+        /// The on-call roster (TOML; roster.example.toml shows the format).
+        #[arg(long, value_name = "FILE")]
+        roster: PathBuf,
+        #[arg(long, value_name = "ID")]
+        practice: String,
+        /// RFC 3339 with an offset: 2026-11-23T15:00:00-05:00 or
+        /// 2026-11-23T20:00:00Z. Default: now.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+    },
     /// Check or export the audit log.
     Audit {
         #[arg(long, value_name = "FILE")]
@@ -210,6 +223,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             token,
             practice,
         } => commands::stream(&file, &server, token, &practice),
+        Command::Oncall {
+            roster,
+            practice,
+            at,
+        } => commands::oncall(&roster, &practice, at.as_deref()),
         Command::Audit { config, action } => match action {
             AuditAction::Verify => commands::audit_verify(config),
             AuditAction::Export { since } => commands::audit_export(config, since.as_deref()),

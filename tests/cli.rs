@@ -1,5 +1,6 @@
 //! The `crisisd` command line, run as a user runs it: replay, eval and
-//! check-rules over the corpora and over broken input.
+//! check-rules over the corpora and over broken input, and oncall over the
+//! example roster and broken ones.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -264,5 +265,156 @@ phrases = ["purple (elephant|giraffe)"]
         text(&out.stdout).trim(),
         r#"{"id":"a","outcome":"review","tier":1,"rule":"test.purple","event":0}"#
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn example_roster() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("roster.example.toml")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn oncall_prints_the_primary_and_the_backup() {
+    let roster = example_roster();
+    const LEE: &str = "backup: dr-lee Dr. Sam Lee +15555550102\n";
+    // (practice, --at, exit code, stdout, stderr that says why)
+    let cases: &[(&str, &str, i32, &str, &str)] = &[
+        // Monday 15:00 in New York: the weekday shift.
+        (
+            "practice-1",
+            "2026-11-23T15:00:00-05:00",
+            0,
+            "primary: dr-ortiz Dr. Ana Ortiz +15555550101\n",
+            "",
+        ),
+        // The same moment in UTC.
+        (
+            "practice-1",
+            "2026-11-23T20:00:00Z",
+            0,
+            "primary: dr-ortiz Dr. Ana Ortiz +15555550101\n",
+            "",
+        ),
+        // Saturday 03:00 in New York: Friday's overnight shift.
+        (
+            "practice-1",
+            "2026-11-28T08:00:00Z",
+            0,
+            "primary: dr-patel Dr. Ravi Patel +15555550103\n",
+            "",
+        ),
+        // Sunday noon: no shift, the backup is paged.
+        (
+            "practice-1",
+            "2026-11-29T12:00:00-05:00",
+            0,
+            "primary: nobody on call (the backup is paged)\n",
+            "",
+        ),
+        (
+            "practice-9",
+            "2026-11-23T20:00:00Z",
+            1,
+            "",
+            "crisisd: practice \"practice-9\" is not in the roster",
+        ),
+        // A time with no offset is no instant.
+        (
+            "practice-1",
+            "2026-11-23T15:00:00",
+            1,
+            "",
+            "crisisd: --at must be RFC 3339 with an offset",
+        ),
+    ];
+    for (practice, at, code, primary, why) in cases {
+        let out = crisisd(
+            &[
+                "oncall",
+                "--roster",
+                &roster,
+                "--practice",
+                practice,
+                "--at",
+                at,
+            ],
+            None,
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(*code), "{practice} {at}: {stderr}");
+        if *code == 0 {
+            assert_eq!(stdout, format!("{primary}{LEE}"), "{practice} {at}");
+        } else {
+            assert_eq!(stdout, "", "{practice} {at}");
+        }
+        assert!(stderr.starts_with(why), "{practice} {at}: {stderr}");
+    }
+}
+
+#[test]
+fn oncall_without_at_answers_for_now() {
+    let roster = example_roster();
+    let out = crisisd(
+        &["oncall", "--roster", &roster, "--practice", "practice-2"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // practice-2 has no shifts: its backup, whatever the time.
+    assert_eq!(
+        text(&out.stdout),
+        "primary: nobody on call (the backup is paged)\nbackup: dr-nguyen Dr. Linh Nguyen +15555550201\n"
+    );
+}
+
+#[test]
+fn oncall_refuses_an_invalid_roster_naming_the_field_but_no_value() {
+    let example = std::fs::read_to_string(example_roster()).expect("example roster");
+    let dir = std::env::temp_dir().join(format!("crisisd-roster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let lee_name_line = 1 + example
+        .lines()
+        .position(|l| l == "name = \"Dr. Sam Lee\"")
+        .expect("the example names Dr. Lee");
+    let syntax = format!(", line {lee_name_line}: ");
+    // (file name, text, what the error must say)
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "bad-phone.toml",
+            example.replacen("+15555550102", "+1 555 555 0102", 1),
+            "practice \"practice-1\": clinician[1].phone: must be digits only after the +",
+        ),
+        (
+            "bad-backup.toml",
+            example.replacen("backup = \"dr-lee\"", "backup = \"Dr. Sam Lee\"", 1),
+            "practice \"practice-1\": backup: names no clinician of this practice",
+        ),
+        (
+            "not-toml.toml",
+            example.replacen("name = \"Dr. Sam Lee\"", "name = Dr. Sam Lee", 1),
+            &syntax,
+        ),
+    ];
+    for (name, body, want) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, body).expect("write roster");
+        let path = path.display().to_string();
+        let out = crisisd(
+            &["oncall", "--roster", &path, "--practice", "practice-1"],
+            None,
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert_eq!(text(&out.stdout), "", "{name}");
+        assert!(
+            stderr.starts_with(&format!("crisisd: roster file {path}")),
+            "{name}: {stderr}"
+        );
+        assert!(stderr.contains(want), "{name}: want {want:?} in {stderr}");
+        for secret in ["Sam Lee", "555 0102", "5550102"] {
+            assert!(!stderr.contains(secret), "{name}: {stderr} echoes a value");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
