@@ -163,6 +163,7 @@ pub fn stream(
 ) -> Result<ExitCode> {
     let convs = read_conversations(file)?;
     let token = token.or_else(|| std::env::var("CRISISD_TOKEN").ok());
+    crisisd::server::install_crypto_provider();
     let rt = runtime()?;
     rt.block_on(async move {
         let channel = Channel::from_shared(server.to_string())

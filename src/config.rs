@@ -165,6 +165,65 @@ impl Default for Log {
     }
 }
 
+/// Who delivers pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifierKind {
+    /// Print the page on stdout (no PHI); the embedded default.
+    Console,
+    /// SMS through AWS SNS.
+    Sns,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Paging {
+    pub notifier: NotifierKind,
+    /// The on-call roster file (TOML); empty: no roster.
+    pub roster: String,
+    /// The SMS text; placeholders {severity} {tier} {id} {patient} {practice}.
+    pub sms_template: String,
+    /// Keys the opaque patient reference in a page. Empty: a random one is
+    /// made and kept in the data directory.
+    pub patient_ref_secret: String,
+}
+
+impl Default for Paging {
+    fn default() -> Self {
+        Paging {
+            notifier: NotifierKind::Console,
+            roster: String::new(),
+            sms_template: crate::pager::sms::DEFAULT_TEMPLATE.to_string(),
+            patient_ref_secret: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sns {
+    pub region: String,
+    /// Any SNS-compatible endpoint; empty: AWS's own for the region.
+    pub endpoint_url: String,
+    /// Optional sender id and origination number for the SMS.
+    pub sender_id: String,
+    pub origination_number: String,
+    /// Connect and per-attempt timeout, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for Sns {
+    fn default() -> Self {
+        Sns {
+            region: "us-east-1".to_string(),
+            endpoint_url: String::new(),
+            sender_id: String::new(),
+            origination_number: String::new(),
+            timeout_ms: 3000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -178,6 +237,8 @@ pub struct Config {
     pub limits: Limits,
     pub referral: Referral,
     pub tls: Tls,
+    pub paging: Paging,
+    pub sns: Sns,
     pub tokens: Vec<Token>,
     pub practices: Vec<Practice>,
 }
@@ -192,6 +253,8 @@ impl Default for Config {
             limits: Limits::default(),
             referral: Referral::default(),
             tls: Tls::default(),
+            paging: Paging::default(),
+            sns: Sns::default(),
             tokens: Vec::new(),
             practices: Vec::new(),
         }
@@ -325,6 +388,27 @@ impl Config {
             ("referral.es", &self.referral.es),
         ] {
             check_referral(key, text)?;
+        }
+        crate::pager::sms::check(&self.paging.sms_template)
+            .map_err(|e| invalid("paging.sms_template", e.to_string()))?;
+        if self.paging.notifier == NotifierKind::Sns && self.paging.roster.is_empty() {
+            return Err(invalid(
+                "paging.roster",
+                "the sns notifier needs a roster to know whom to page",
+            ));
+        }
+        if self.sns.region.is_empty() {
+            return Err(invalid("sns.region", "must not be empty"));
+        }
+        if self.sns.timeout_ms == 0 {
+            return Err(invalid("sns.timeout_ms", "must be at least 1"));
+        }
+        let url = &self.sns.endpoint_url;
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(invalid(
+                "sns.endpoint_url",
+                "must be an http:// or https:// URL",
+            ));
         }
         let tls = &self.tls;
         if tls.cert.is_empty() != tls.key.is_empty() {

@@ -16,8 +16,9 @@ use crate::api::auth::Auth;
 use crate::api::pb;
 use crate::api::pb::crisis_detection_server::CrisisDetectionServer;
 use crate::api::service::{Core, Service};
-use crate::config::Config;
-use crate::pager::{self, Notifier};
+use crate::config::{Config, NotifierKind};
+use crate::pager::{self, Notifier, Pager};
+use crate::roster::{Roster, RosterError};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use crate::tier1::Matcher;
@@ -40,6 +41,46 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("config key paging.roster: {0}")]
+    Roster(RosterError),
+    #[error("the patient reference key at {path}: {source}")]
+    RefKey {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The key for opaque patient references: from the config, else kept in
+/// the data directory (made once, readable by the service's user only).
+async fn patient_ref_secret(config: &Config) -> Result<Vec<u8>, ServeError> {
+    if !config.paging.patient_ref_secret.is_empty() {
+        return Ok(config.paging.patient_ref_secret.as_bytes().to_vec());
+    }
+    let path = std::path::Path::new(&config.data_dir).join("patient-ref.key");
+    let err = |source| ServeError::RefKey {
+        path: path.display().to_string(),
+        source,
+    };
+    match tokio::fs::read(&path).await {
+        Ok(k) if !k.is_empty() => return Ok(k),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let key =
+        crate::api::auth::new_token().map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(err)?;
+    tokio::fs::write(&path, &key).await.map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .await
+            .map_err(err)?;
+    }
+    Ok(key.into_bytes())
 }
 
 /// What the server runs with, printed at start.
@@ -64,10 +105,22 @@ pub fn describe(config: &Config, addr: SocketAddr, matcher: &Matcher) -> String 
         matcher.rules().exclusions.len(),
     );
     format!(
-        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: no classifier configured: a review escalates by the fail-safe rule\n  pager: console (prints the page it would send)\n  metrics: {metrics}",
+        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: no classifier configured: a review escalates by the fail-safe rule\n  pager: {pager}\n  metrics: {metrics}",
         version = env!("CARGO_PKG_VERSION"),
         db = config.database_path().display(),
         patterns = matcher.pattern_count(),
+        pager = match (config.paging.notifier, config.paging.roster.is_empty()) {
+            (NotifierKind::Console, true) =>
+                "console (prints the page it would send), no roster".to_string(),
+            (NotifierKind::Console, false) => format!(
+                "console (prints the page it would send), roster {}",
+                config.paging.roster
+            ),
+            (NotifierKind::Sns, _) => format!(
+                "SMS through SNS in {}, roster {}",
+                config.sns.region, config.paging.roster
+            ),
+        },
     )
 }
 
@@ -90,6 +143,13 @@ async fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
     Ok(Some(tls))
 }
 
+/// Picks rustls's crypto provider for the process. Two are linked (ring
+/// for tonic, aws-lc-rs for the AWS SDK's client), and rustls will not
+/// choose between them by itself. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves on `listener` until `shutdown` completes, then finishes what is
 /// in flight and closes the store. `notifier` delivers pages (the console
 /// when None).
@@ -99,6 +159,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     notifier: Option<Arc<dyn Notifier>>,
 ) -> Result<(), ServeError> {
+    install_crypto_provider();
     let addr = listener.local_addr().map_err(ServeError::Listener)?;
     let matcher = Arc::new(Matcher::builtin().map_err(ServeError::Rules)?);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path()).await?);
@@ -115,9 +176,39 @@ pub async fn serve(
         + 64 * 1024;
     let config = Arc::new(config);
 
+    let roster = match config.paging.roster.as_str() {
+        "" => None,
+        path => Some(Arc::new(
+            Roster::load(std::path::Path::new(path)).map_err(ServeError::Roster)?,
+        )),
+    };
+    let patient_ref_secret = patient_ref_secret(&config).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let notifier = notifier.unwrap_or_else(|| Arc::new(pager::console::Console));
-    let pager = tokio::spawn(pager::run(store.clone(), notifier, stop_rx));
+    // The notifier is built in the pager's own task: nothing that serves
+    // detection waits for AWS configuration.
+    let pager = {
+        let store = store.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let notifier: Arc<dyn Notifier> = match (notifier, config.paging.notifier) {
+                (Some(n), _) => n,
+                (None, NotifierKind::Console) => Arc::new(pager::console::Console),
+                (None, NotifierKind::Sns) => {
+                    Arc::new(pager::sns::SnsNotifier::new(&config.sns).await)
+                }
+            };
+            let wake = store.pages_signal();
+            Pager {
+                store,
+                notifier,
+                roster,
+                template: config.paging.sms_template.clone(),
+                patient_ref_secret,
+            }
+            .run(wake, stop_rx)
+            .await;
+        })
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CrisisDetectionServer<Service>>().await;

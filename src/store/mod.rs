@@ -13,9 +13,9 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::audit::{AuditEvent, AuditRow};
-use crate::domain::{EscalationState, Severity};
+use crate::domain::{EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation};
-use crate::ids::{EscalationId, MessageId, PracticeId};
+use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -73,14 +73,28 @@ pub struct EscalationQuery {
     pub after: Option<(i64, String)>,
 }
 
-/// A page waiting in the outbox.
+/// A page waiting in the outbox, with what its text and routing need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
     pub id: i64,
     pub escalation_id: EscalationId,
     pub severity: Severity,
+    pub tier: Tier,
     pub practice: String,
+    /// PHI: only for the opaque reference in the text.
+    pub patient: PatientId,
     pub attempts: i64,
+    pub created_at_ms: i64,
+}
+
+/// A page handed to the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub page: i64,
+    pub at_ms: i64,
+    /// The roster entry it went to.
+    pub clinician_id: String,
+    pub provider_message_id: String,
 }
 
 #[async_trait]
@@ -123,9 +137,15 @@ pub trait Store: Send + Sync {
     /// Pages due for delivery.
     async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError>;
 
-    async fn page_delivered(&self, page: i64, now_ms: i64) -> Result<(), StoreError>;
+    /// Marks a page delivered and appends its audit row, together.
+    async fn page_delivered(&self, delivery: Delivery, audit: AuditEvent)
+    -> Result<(), StoreError>;
 
     async fn page_failed(&self, page: i64, retry_at_ms: i64) -> Result<(), StoreError>;
+
+    /// Notified after a commit that put a page in the outbox, so the pager
+    /// sends it at once instead of on its next poll.
+    fn pages_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
 
     /// Flushes and closes.
     async fn close(&self);

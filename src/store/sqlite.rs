@@ -19,15 +19,28 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use std::sync::Arc;
 
-use super::{EscalationQuery, EscalationWrite, MessageVerdict, Page, Recorded, Store, StoreError};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+
+use super::{
+    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, Recorded, Store, StoreError,
+};
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
 use crate::domain::{EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation, Origin, now_ms};
 use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Each step takes the schema from its index to the next version.
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2];
+
+/// Version 2: who a page went to and the provider's message id.
+const SCHEMA_2: &str = r#"
+ALTER TABLE outbox ADD COLUMN clinician_id TEXT;
+ALTER TABLE outbox ADD COLUMN provider_message_id TEXT;
+"#;
 
 const SCHEMA: &str = r#"
 CREATE TABLE escalations (
@@ -128,8 +141,8 @@ enum Job {
         reply: Reply<()>,
     },
     PageDelivered {
-        page: i64,
-        at_ms: i64,
+        delivery: Delivery,
+        audit: AuditEvent,
         reply: Reply<()>,
     },
     PageFailed {
@@ -171,6 +184,7 @@ impl Done {
 }
 
 pub struct SqliteStore {
+    pages: Arc<Notify>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     checkpoints: Mutex<
@@ -272,8 +286,10 @@ impl SqliteStore {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let checkpoints = tokio::spawn(checkpoint_loop(checkpointer, stopped));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let task = tokio::spawn(write_loop(writer, head, rx));
+        let pages = Arc::new(Notify::new());
+        let task = tokio::spawn(write_loop(writer, head, rx, pages.clone()));
         Ok(SqliteStore {
+            pages,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(task)),
             checkpoints: Mutex::new(Some((stop, checkpoints))),
@@ -294,9 +310,20 @@ impl SqliteStore {
 }
 
 /// The writer: takes what is queued, commits it as one group, answers.
-async fn write_loop(pool: SqlitePool, mut head: Head, mut rx: mpsc::Receiver<Job>) {
+async fn write_loop(
+    pool: SqlitePool,
+    mut head: Head,
+    mut rx: mpsc::Receiver<Job>,
+    pages: Arc<Notify>,
+) {
     let mut batch = Vec::with_capacity(GROUP);
     while rx.recv_many(&mut batch, GROUP).await > 0 {
+        let paged = batch.iter().any(|j| {
+            matches!(
+                j,
+                Job::Escalate { .. } | Job::Message { write: Some(_), .. }
+            )
+        });
         let mut done = Vec::with_capacity(batch.len());
         let result = commit_group(&pool, &mut head, batch.drain(..), &mut done).await;
         match result {
@@ -304,6 +331,9 @@ async fn write_loop(pool: SqlitePool, mut head: Head, mut rx: mpsc::Receiver<Job
                 head = new_head;
                 for d in done {
                     d.send();
+                }
+                if paged {
+                    pages.notify_one();
                 }
             }
             Err(e) => {
@@ -447,16 +477,28 @@ async fn run_job(
             .await;
             (JobReply::Recorded(reply), r)
         }
-        Job::PageDelivered { page, at_ms, reply } => {
-            let r = sqlx::query(
-                "UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1 WHERE id = ?",
-            )
-            .bind(at_ms)
-            .bind(page)
-            .execute(&mut **tx)
-            .await
-            .map(|_| Recorded::New)
-            .map_err(db("marking a page delivered"));
+        Job::PageDelivered {
+            delivery,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                sqlx::query(
+                    "UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1,
+                         clinician_id = ?, provider_message_id = ?
+                     WHERE id = ?",
+                )
+                .bind(delivery.at_ms)
+                .bind(&delivery.clinician_id)
+                .bind(&delivery.provider_message_id)
+                .bind(delivery.page)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("marking a page delivered"))?;
+                *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                Ok(Recorded::New)
+            }
+            .await;
             (JobReply::Unit(reply), r)
         }
         Job::PageFailed {
@@ -483,25 +525,28 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         .fetch_one(pool)
         .await
         .map_err(db("reading the schema version"))?;
-    if version == SCHEMA_VERSION {
-        return Ok(());
-    }
-    if version != 0 {
+    if !(0..=SCHEMA_VERSION).contains(&version) {
         return Err(corrupt(
             "migrate",
-            format!("schema version {version} is not one this build knows ({SCHEMA_VERSION})"),
+            format!("schema version {version} is newer than this build knows ({SCHEMA_VERSION})"),
         ));
     }
-    let mut tx = pool.begin().await.map_err(db("migrate"))?;
-    sqlx::raw_sql(SCHEMA)
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let mut tx = pool.begin().await.map_err(db("migrate"))?;
+        sqlx::raw_sql(*step)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("migrate"))?;
+        // PRAGMA takes no bound parameters; the version is our own number.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PRAGMA user_version = {}",
+            i + 1
+        )))
         .execute(&mut *tx)
         .await
         .map_err(db("migrate"))?;
-    sqlx::raw_sql("PRAGMA user_version = 1")
-        .execute(&mut *tx)
-        .await
-        .map_err(db("migrate"))?;
-    tx.commit().await.map_err(db("migrate"))?;
+        tx.commit().await.map_err(db("migrate"))?;
+    }
     Ok(())
 }
 
@@ -789,9 +834,11 @@ impl Store for SqliteStore {
     async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError> {
         const OP: &str = "reading due pages";
         let rows = sqlx::query(
-            "SELECT id, escalation_id, severity, practice_id, attempts FROM outbox
-             WHERE delivered_at_ms IS NULL AND next_attempt_at_ms <= ?
-             ORDER BY next_attempt_at_ms, id LIMIT ?",
+            "SELECT o.id, o.escalation_id, o.severity, o.practice_id, o.attempts, o.created_at_ms,
+                    e.tier, e.patient_id
+             FROM outbox o JOIN escalations e ON e.id = o.escalation_id
+             WHERE o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?
+             ORDER BY o.next_attempt_at_ms, o.id LIMIT ?",
         )
         .bind(now_ms)
         .bind(i64::from(limit))
@@ -802,23 +849,33 @@ impl Store for SqliteStore {
             .map(|r| {
                 let esc: String = r.try_get("escalation_id").map_err(db(OP))?;
                 let sev: i64 = r.try_get("severity").map_err(db(OP))?;
+                let tier: i64 = r.try_get("tier").map_err(db(OP))?;
+                let patient: String = r.try_get("patient_id").map_err(db(OP))?;
                 Ok(Page {
                     id: r.try_get("id").map_err(db(OP))?,
                     escalation_id: EscalationId::parse(&esc)
                         .map_err(|_| corrupt(OP, "bad escalation id"))?,
                     severity: Severity::from_code(sev)
                         .ok_or_else(|| corrupt(OP, "bad severity"))?,
+                    tier: Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
                     practice: r.try_get("practice_id").map_err(db(OP))?,
+                    patient: PatientId::parse(&patient)
+                        .map_err(|_| corrupt(OP, "bad patient id"))?,
                     attempts: r.try_get("attempts").map_err(db(OP))?,
+                    created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
                 })
             })
             .collect()
     }
 
-    async fn page_delivered(&self, page: i64, now_ms: i64) -> Result<(), StoreError> {
+    async fn page_delivered(
+        &self,
+        delivery: Delivery,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
         self.submit(|reply| Job::PageDelivered {
-            page,
-            at_ms: now_ms,
+            delivery,
+            audit,
             reply,
         })
         .await
@@ -831,6 +888,10 @@ impl Store for SqliteStore {
             reply,
         })
         .await
+    }
+
+    fn pages_signal(&self) -> Arc<Notify> {
+        self.pages.clone()
     }
 
     async fn close(&self) {

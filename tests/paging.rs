@@ -1,0 +1,321 @@
+//! Paging through a real SNS implementation: moto's server, installed by
+//! this test into a virtualenv under `target/` (PyPI the first time), on a
+//! loopback port. The real `crisisd serve` publishes through `aws-sdk-sns`;
+//! the tests read back what moto accepted (`GET /moto-api/data.json`,
+//! `sns.SMS`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
+
+const MOTO: &str = "moto[server]==5.2.5";
+const ON_CALL: &str = "+15555550101";
+const BACKUP: &str = "+15555550102";
+
+/// Tests in this file run in parallel threads: one makes the venv.
+fn ensure_moto() -> PathBuf {
+    static SERVER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SERVER.get_or_init(make_moto_venv).clone()
+}
+
+fn make_moto_venv() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("moto-venv");
+    let server = venv.join("bin").join("moto_server");
+    let marker = venv.join("crisisd-installed");
+    if server.exists() && std::fs::read_to_string(&marker).is_ok_and(|m| m == MOTO) {
+        return server;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 -m venv {} failed: the paging tests need python3 with venv",
+        venv.display()
+    );
+    let out = Command::new(venv.join("bin").join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", MOTO])
+        .output()
+        .expect("run pip");
+    assert!(
+        out.status.success(),
+        "pip install {MOTO} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&marker, MOTO).expect("marker");
+    server
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn http(port: u16, method: &str, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start(port: u16) -> Moto {
+        let server = ensure_moto();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let m = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(port, "GET", "/moto-api/data.json").is_none() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m
+    }
+
+    /// (phone number, message) of every SMS moto accepted.
+    fn sms(&self) -> Vec<(String, String)> {
+        let body = http(self.port, "GET", "/moto-api/data.json").unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["sns"]["SMS"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        (
+                            m["phone_number"].as_str().unwrap_or_default().to_string(),
+                            m["message"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until at least `n` SMS are there.
+    fn wait_for(&self, n: usize, within: Duration) -> Vec<(String, String)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = self.sms();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// On call around the clock in practice p1; a backup.
+const ROSTER: &str = r#"
+[[practice]]
+id = "p1"
+time_zone = "UTC"
+backup = "dr-lee"
+[[practice.clinician]]
+id = "dr-ortiz"
+name = "Dr. Ana Ortiz"
+phone = "+15555550101"
+[[practice.clinician]]
+id = "dr-lee"
+name = "Dr. Sam Lee"
+phone = "+15555550102"
+[[practice.shift]]
+clinician = "dr-ortiz"
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "00:00"
+end = "12:00"
+[[practice.shift]]
+clinician = "dr-ortiz"
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "12:00"
+end = "00:00"
+"#;
+
+struct Server {
+    child: Child,
+    addr: String,
+    out: Arc<Mutex<String>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn drain(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+/// `crisisd serve` paging through SNS at `sns_port`, with its data in `dir`.
+fn serve(dir: &Path, sns_port: u16) -> Server {
+    std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crisisd"))
+        .current_dir(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("CRISISD_CONFIG")
+        .env("CRISISD_DATA_DIR", dir.join("data"))
+        .env("CRISISD_PAGING_NOTIFIER", "sns")
+        .env("CRISISD_PAGING_ROSTER", dir.join("roster.toml"))
+        .env(
+            "CRISISD_SNS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{sns_port}"),
+        )
+        .env("CRISISD_SNS_TIMEOUT_MS", "500")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn crisisd serve");
+    let out = Arc::new(Mutex::new(String::new()));
+    drain(child.stdout.take().expect("stdout"), out.clone());
+    drain(child.stderr.take().expect("stderr"), out.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let text = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(a) = text.lines().find_map(|l| {
+            l.split_once(" listening on ")
+                .map(|(_, a)| a.trim().to_string())
+        }) {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "server did not start:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Server { child, addr, out }
+}
+
+const SENTENCE: &str = "My name is Zebulon Quixote and I want to kill myself";
+
+/// One call with one explicit utterance; returns once its directive (and
+/// so its committed escalation) is back.
+fn escalate(addr: &str, call: &str) -> String {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = CrisisDetectionClient::new(ch);
+        let (ds, status) = play(
+            &mut c,
+            None,
+            vec![
+                started(call, "patient-7", "p1", "en"),
+                patient("u1", SENTENCE),
+                ended(),
+            ],
+        )
+        .await;
+        assert!(status.is_none(), "{status:?}");
+        assert_eq!(ds.len(), 1);
+        ds[0].escalation_id.clone()
+    })
+}
+
+fn short(id: &str) -> &str {
+    &id[id.len() - 8..]
+}
+
+#[test]
+fn an_explicit_utterance_pages_the_on_call_clinician_once_without_the_transcript() {
+    let moto = Moto::start(free_port());
+    let dir = temp_dir("paging");
+    let server = serve(&dir, moto.port);
+    let id = escalate(&server.addr, "call-page-1");
+    let sms = moto.wait_for(1, Duration::from_secs(10));
+    // Nothing more arrives.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sms_after = moto.sms();
+    assert_eq!(sms_after.len(), 1, "{sms_after:?}");
+    let (to, text) = &sms[0];
+    assert_eq!(to, ON_CALL);
+    assert!(text.len() <= 160, "{text}");
+    assert!(text.contains(short(&id)) && text.contains("HIGH"), "{text}");
+    for secret in ["Zebulon", "Quixote", "kill", "patient-7"] {
+        assert!(!text.contains(secret), "the SMS holds {secret:?}: {text}");
+    }
+    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(!out.contains(ON_CALL) && !out.contains("Ortiz"), "{out}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = BACKUP;
+}
+
+#[test]
+fn sns_down_then_back_and_a_kill_between_commit_and_send_lose_nothing() {
+    let port = free_port();
+    let dir = temp_dir("paging");
+    // SNS is down: the escalation is recorded, the page waits.
+    let mut server = serve(&dir, port);
+    let first = escalate(&server.addr, "call-down-1");
+    std::thread::sleep(Duration::from_millis(1200));
+    // SIGKILL with the second page committed and not sent.
+    let second = escalate(&server.addr, "call-down-2");
+    let _ = Command::new("kill")
+        .args(["-KILL", &server.child.id().to_string()])
+        .status();
+    let _ = server.child.wait();
+    drop(server);
+    // SNS comes back; the restarted service sends both, once each.
+    let moto = Moto::start(port);
+    let server = serve(&dir, port);
+    let sms = moto.wait_for(2, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let sms = if moto.sms().len() > sms.len() {
+        moto.sms()
+    } else {
+        sms
+    };
+    assert_eq!(sms.len(), 2, "{sms:?}");
+    for id in [&first, &second] {
+        assert_eq!(
+            sms.iter().filter(|(_, t)| t.contains(short(id))).count(),
+            1,
+            "{id}: {sms:?}"
+        );
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
