@@ -186,6 +186,15 @@ pub struct Paging {
     /// Keys the opaque patient reference in a page. Empty: a random one is
     /// made and kept in the data directory.
     pub patient_ref_secret: String,
+    /// Not acknowledged within this long: page the on-call clinician again
+    /// and the backup.
+    pub ack_timeout_secs: u64,
+    /// Rounds of pages at most, the first included.
+    pub max_rounds: u32,
+    /// A page still failing after this many attempts, or this long, is
+    /// sent to the backup as well.
+    pub backup_after_failures: u32,
+    pub backup_after_secs: u64,
 }
 
 impl Default for Paging {
@@ -195,6 +204,10 @@ impl Default for Paging {
             roster: String::new(),
             sms_template: crate::pager::sms::DEFAULT_TEMPLATE.to_string(),
             patient_ref_secret: String::new(),
+            ack_timeout_secs: 300,
+            max_rounds: 3,
+            backup_after_failures: 3,
+            backup_after_secs: 120,
         }
     }
 }
@@ -371,6 +384,13 @@ impl Config {
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
             ("limits.max_threads", l.max_threads as u64),
             ("limits.thread_window_secs", l.thread_window_secs),
+            ("paging.ack_timeout_secs", self.paging.ack_timeout_secs),
+            ("paging.max_rounds", u64::from(self.paging.max_rounds)),
+            (
+                "paging.backup_after_failures",
+                u64::from(self.paging.backup_after_failures),
+            ),
+            ("paging.backup_after_secs", self.paging.backup_after_secs),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

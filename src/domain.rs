@@ -102,6 +102,41 @@ impl Severity {
     }
 }
 
+/// How an escalation was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Disposition {
+    PatientSafe,
+    EmergencyServices,
+    Referred,
+    FalseAlarm,
+    Unreachable,
+}
+
+impl Disposition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disposition::PatientSafe => "patient_safe",
+            Disposition::EmergencyServices => "emergency_services",
+            Disposition::Referred => "referred",
+            Disposition::FalseAlarm => "false_alarm",
+            Disposition::Unreachable => "unreachable",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Disposition> {
+        [
+            Disposition::PatientSafe,
+            Disposition::EmergencyServices,
+            Disposition::Referred,
+            Disposition::FalseAlarm,
+            Disposition::Unreachable,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
 /// Where an escalation stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

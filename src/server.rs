@@ -204,6 +204,18 @@ pub async fn serve(
                 roster,
                 template: config.paging.sms_template.clone(),
                 patient_ref_secret,
+                repage: crate::store::RepagePolicy {
+                    ack_timeout_ms: i64::try_from(
+                        config.paging.ack_timeout_secs.saturating_mul(1000),
+                    )
+                    .unwrap_or(i64::MAX),
+                    max_rounds: config.paging.max_rounds,
+                },
+                backup_after_failures: i64::from(config.paging.backup_after_failures),
+                backup_after_ms: i64::try_from(
+                    config.paging.backup_after_secs.saturating_mul(1000),
+                )
+                .unwrap_or(i64::MAX),
             }
             .run(wake, stop_rx)
             .await;

@@ -187,6 +187,10 @@ fn drain(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
 
 /// `crisisd serve` paging through SNS at `sns_port`, with its data in `dir`.
 fn serve(dir: &Path, sns_port: u16) -> Server {
+    serve_with(dir, sns_port, &[])
+}
+
+fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Server {
     std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
     let mut child = Command::new(env!("CARGO_BIN_EXE_crisisd"))
         .current_dir(dir)
@@ -203,6 +207,7 @@ fn serve(dir: &Path, sns_port: u16) -> Server {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -254,6 +259,25 @@ fn escalate(addr: &str, call: &str) -> String {
     })
 }
 
+async fn acknowledge(addr: &str, id: &str) -> crisisd::api::pb::Escalation {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    CrisisDetectionClient::new(ch)
+        .acknowledge_escalation(authed(
+            crisisd::api::pb::AcknowledgeEscalationRequest {
+                escalation_id: id.to_string(),
+                responder_id: "dr-ortiz".into(),
+            },
+            None,
+        ))
+        .await
+        .expect("acknowledged")
+        .into_inner()
+}
+
 fn short(id: &str) -> &str {
     &id[id.len() - 8..]
 }
@@ -280,7 +304,6 @@ fn an_explicit_utterance_pages_the_on_call_clinician_once_without_the_transcript
     assert!(!out.contains(ON_CALL) && !out.contains("Ortiz"), "{out}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = BACKUP;
 }
 
 #[test]
@@ -316,6 +339,123 @@ fn sns_down_then_back_and_a_kill_between_commit_and_send_lose_nothing() {
             "{id}: {sms:?}"
         );
     }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unacknowledged_pages_repeat_to_primary_and_backup_and_an_acknowledgement_stops_them() {
+    let moto = Moto::start(free_port());
+    let dir = temp_dir("paging");
+    let env = [
+        ("CRISISD_PAGING_ACK_TIMEOUT_SECS", "1"),
+        ("CRISISD_PAGING_MAX_ROUNDS", "3"),
+    ];
+    let server = serve_with(&dir, moto.port, &env);
+
+    // Nobody acknowledges: round 1 to the on-call clinician, rounds 2 and
+    // 3 to them and the backup, a second apart, then no more.
+    let id = escalate(&server.addr, "call-repage");
+    let sms = moto.wait_for(5, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_millis(2500));
+    let sms_after = moto.sms();
+    assert_eq!(sms_after.len(), 5, "{sms_after:?}");
+    assert!(sms.iter().all(|(_, t)| t.contains(short(&id))));
+    let to = |n: &str| sms.iter().filter(|(p, _)| p == n).count();
+    assert_eq!((to(ON_CALL), to(BACKUP)), (3, 2), "{sms:?}");
+    assert_eq!(sms[0].0, ON_CALL, "round 1 goes to the on-call clinician");
+
+    // Acknowledged after the first page: no second round, also after a
+    // restart.
+    let _ = http(moto.port, "POST", "/moto-api/reset");
+    let id = escalate(&server.addr, "call-ack");
+    assert_eq!(moto.wait_for(1, Duration::from_secs(10)).len(), 1);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let e = rt.block_on(acknowledge(&server.addr, &id));
+    assert_eq!(
+        e.state,
+        crisisd::api::pb::EscalationState::Acknowledged as i32
+    );
+    assert_eq!(e.acknowledged_by, "dr-ortiz");
+    let again = rt.block_on(acknowledge(&server.addr, &id));
+    assert_eq!(again, e, "acknowledging twice returns the same state");
+    drop(server);
+    let server = serve_with(&dir, moto.port, &env);
+    std::thread::sleep(Duration::from_millis(3000));
+    let sms = moto.sms();
+    assert_eq!(sms.len(), 1, "{sms:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn scrape(port: u16) -> String {
+    http(port, "GET", "/metrics").unwrap_or_default()
+}
+
+fn quantile(metrics: &str, name: &str, q: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(&format!("{name}{{quantile=\"{q}\"}} "))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[test]
+fn page_requests_leave_within_50_ms_of_the_escalation() {
+    let moto = Moto::start(free_port());
+    let dir = temp_dir("paging");
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let server = serve_with(
+        &dir,
+        moto.port,
+        &[("CRISISD_METRICS_LISTEN", metrics.as_str())],
+    );
+    let n = 40;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for caller in 0..4 {
+            let addr = server.addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+                let mut c = CrisisDetectionClient::new(ch);
+                for i in 0..n / 4 {
+                    let (ds, status) = play(
+                        &mut c,
+                        None,
+                        vec![
+                            started(&format!("lat-{caller}-{i}"), "patient-7", "p1", "en"),
+                            patient("u1", "I want to kill myself"),
+                            ended(),
+                        ],
+                    )
+                    .await;
+                    assert!(status.is_none() && ds.len() == 1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("caller");
+        }
+    });
+    assert_eq!(moto.wait_for(n, Duration::from_secs(30)).len(), n);
+    let m = scrape(metrics_port);
+    let name = "crisisd_page_request_latency_seconds";
+    let p50 = quantile(&m, name, "0.5").expect("p50");
+    let p99 = quantile(&m, name, "0.99").expect("p99");
+    let max = quantile(&m, name, "1").expect("max");
+    println!(
+        "escalation committed -> SNS request, {n} pages: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p50 * 1e3,
+        p99 * 1e3,
+        max * 1e3
+    );
+    assert!(p99 < 0.050, "p99 {p99} s");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

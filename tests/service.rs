@@ -583,3 +583,127 @@ async fn health_and_reflection_answer() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn acknowledging_and_resolving() {
+    let server = TestServer::start(secured(Config::default())).await;
+    let mut c = server.client().await;
+    let v = c
+        .submit_message(authed(
+            msg("m1", "t1", "I want to end my life"),
+            Some("tok-messaging"),
+        ))
+        .await
+        .expect("ok")
+        .into_inner();
+    let id = v.escalation_id.clone();
+    let ack = |token: &'static str, id: String, responder: &str| {
+        let mut c = c.clone();
+        let req = pb::AcknowledgeEscalationRequest {
+            escalation_id: id,
+            responder_id: responder.into(),
+        };
+        async move {
+            c.acknowledge_escalation(authed(req, Some(token)))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let resolve = |token: &'static str, id: String, disposition: pb::Disposition| {
+        let mut c = c.clone();
+        let req = pb::ResolveEscalationRequest {
+            escalation_id: id,
+            responder_id: "dr-ortiz".into(),
+            disposition: disposition as i32,
+        };
+        async move {
+            c.resolve_escalation(authed(req, Some(token)))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let unknown = crisisd::ids::EscalationId::new().to_string();
+    for (what, got, want) in [
+        (
+            "voice may not",
+            ack("tok-voice", id.clone(), "dr-ortiz").await.map(|_| ()),
+            Code::PermissionDenied,
+        ),
+        (
+            "other practice",
+            ack("tok-responder-p2", id.clone(), "dr-ortiz")
+                .await
+                .map(|_| ()),
+            Code::NotFound,
+        ),
+        (
+            "unknown id",
+            ack("tok-responder-p1", unknown.clone(), "dr-ortiz")
+                .await
+                .map(|_| ()),
+            Code::NotFound,
+        ),
+        (
+            "bad id",
+            ack("tok-responder-p1", "nope".into(), "dr-ortiz")
+                .await
+                .map(|_| ()),
+            Code::InvalidArgument,
+        ),
+        (
+            "bad responder",
+            ack("tok-responder-p1", id.clone(), "dr ortiz!")
+                .await
+                .map(|_| ()),
+            Code::InvalidArgument,
+        ),
+        (
+            "no disposition",
+            resolve("tok-responder-p1", id.clone(), pb::Disposition::Unspecified)
+                .await
+                .map(|_| ()),
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_eq!(got.expect_err(what).code(), want, "{what}");
+    }
+    let first = ack("tok-responder-p1", id.clone(), "dr-ortiz")
+        .await
+        .expect("ack");
+    assert_eq!(first.state, pb::EscalationState::Acknowledged as i32);
+    assert!(first.acknowledged_at_ms > 0);
+    let second = ack("tok-responder-p1", id.clone(), "dr-lee")
+        .await
+        .expect("ack again");
+    assert_eq!(second, first, "the first acknowledgement stands");
+    let done = resolve("tok-admin", id.clone(), pb::Disposition::PatientSafe)
+        .await
+        .expect("resolve");
+    assert_eq!(done.state, pb::EscalationState::Resolved as i32);
+    assert_eq!(done.disposition, pb::Disposition::PatientSafe as i32);
+    let again = resolve("tok-responder-p1", id.clone(), pb::Disposition::FalseAlarm)
+        .await
+        .expect("again");
+    assert_eq!(again, done, "the first resolution stands");
+    // Acknowledging a resolved escalation changes nothing either.
+    assert_eq!(
+        ack("tok-responder-p1", id.clone(), "dr-ortiz")
+            .await
+            .expect("ack"),
+        done
+    );
+
+    let dir = server.stop().await;
+    let store = crisisd::store::sqlite::SqliteStore::open(&dir.join("crisisd.db"))
+        .await
+        .expect("open");
+    let rows = crisisd::store::Store::audit_rows(&store, 0)
+        .await
+        .expect("rows");
+    let count = |a: &str| rows.iter().filter(|r| r.action == a).count();
+    assert_eq!(
+        (count("escalation.acknowledge"), count("escalation.resolve")),
+        (1, 1)
+    );
+    assert_eq!(crisisd::audit::verify(&rows), vec![]);
+}

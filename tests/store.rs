@@ -26,6 +26,7 @@ fn escalation(id: EscalationId, n: usize) -> Escalation {
         state: EscalationState::Open,
         utterance_id: "u1".into(),
         created_at_ms: now_ms(),
+        handling: Default::default(),
     }
 }
 

@@ -5,7 +5,7 @@ use tonic::Status;
 
 use super::pb;
 use crate::conversation::{CallStart, Language, LanguageError};
-use crate::domain::{EscalationState, Severity, Speaker, Tier};
+use crate::domain::{Disposition, EscalationState, Severity, Speaker, Tier};
 use crate::escalation::{Directive, Escalation};
 use crate::ids::{CallId, IdError, MessageId, PatientId, PracticeId, ThreadId, UtteranceId};
 
@@ -159,6 +159,37 @@ pub fn escalation(e: &Escalation) -> pb::Escalation {
         created_at_ms: e.created_at_ms,
         utterance_id: e.utterance_id.clone(),
         reason_code: e.reason_code.clone(),
+        acknowledged_by: e.handling.acknowledged_by.clone().unwrap_or_default(),
+        acknowledged_at_ms: e.handling.acknowledged_at_ms.unwrap_or_default(),
+        disposition: e
+            .handling
+            .disposition
+            .map_or(pb::Disposition::Unspecified, disposition) as i32,
+        resolved_at_ms: e.handling.resolved_at_ms.unwrap_or_default(),
+        page_rounds: e.handling.page_rounds,
+    }
+}
+
+pub fn disposition(d: Disposition) -> pb::Disposition {
+    match d {
+        Disposition::PatientSafe => pb::Disposition::PatientSafe,
+        Disposition::EmergencyServices => pb::Disposition::EmergencyServices,
+        Disposition::Referred => pb::Disposition::Referred,
+        Disposition::FalseAlarm => pb::Disposition::FalseAlarm,
+        Disposition::Unreachable => pb::Disposition::Unreachable,
+    }
+}
+
+pub fn disposition_in(d: i32) -> Result<Disposition, Status> {
+    match pb::Disposition::try_from(d) {
+        Ok(pb::Disposition::PatientSafe) => Ok(Disposition::PatientSafe),
+        Ok(pb::Disposition::EmergencyServices) => Ok(Disposition::EmergencyServices),
+        Ok(pb::Disposition::Referred) => Ok(Disposition::Referred),
+        Ok(pb::Disposition::FalseAlarm) => Ok(Disposition::FalseAlarm),
+        Ok(pb::Disposition::Unreachable) => Ok(Disposition::Unreachable),
+        _ => Err(Status::invalid_argument(
+            "disposition must be one of the DISPOSITION_ values",
+        )),
     }
 }
 

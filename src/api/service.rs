@@ -206,6 +206,7 @@ impl Core {
             state: EscalationState::Open,
             utterance_id: utterance.to_string(),
             created_at_ms: now_ms(),
+            handling: Default::default(),
         }
     }
 
@@ -644,6 +645,35 @@ impl CrisisDetection for Service {
         Ok(Response::new(convert::escalation(&e)))
     }
 
+    async fn acknowledge_escalation(
+        &self,
+        req: Request<pb::AcknowledgeEscalationRequest>,
+    ) -> Result<Response<pb::Escalation>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Responder, Role::Admin])?;
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        let e = self
+            .handle(&who, request_id, &r.escalation_id, &r.responder_id, None)
+            .await?;
+        Ok(Response::new(e))
+    }
+
+    async fn resolve_escalation(
+        &self,
+        req: Request<pb::ResolveEscalationRequest>,
+    ) -> Result<Response<pb::Escalation>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Responder, Role::Admin])?;
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        let d = convert::disposition_in(r.disposition)?;
+        let e = self
+            .handle(&who, request_id, &r.escalation_id, &r.responder_id, Some(d))
+            .await?;
+        Ok(Response::new(e))
+    }
+
     async fn list_escalations(
         &self,
         req: Request<pb::ListEscalationsRequest>,
@@ -721,6 +751,61 @@ impl CrisisDetection for Service {
             escalations: rows.iter().map(convert::escalation).collect(),
             next_page_token,
         }))
+    }
+}
+
+impl Service {
+    /// Acknowledge (no disposition) or resolve, for a responder of the
+    /// escalation's practice or an admin.
+    async fn handle(
+        &self,
+        who: &crate::api::auth::Principal,
+        request_id: String,
+        escalation_id: &str,
+        responder_id: &str,
+        disposition: Option<crate::domain::Disposition>,
+    ) -> Result<pb::Escalation, Status> {
+        let id = EscalationId::parse(escalation_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let responder = crate::ids::ClinicianId::parse(responder_id).map_err(|_| {
+            Status::invalid_argument("responder_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+        })?;
+        let core = &self.core;
+        let unavailable = |e: crate::store::StoreError| {
+            tracing::error!(escalation_id = %id, error = %e, "store failed");
+            Status::unavailable("the store is unavailable")
+        };
+        // Another practice's escalation is as if absent.
+        let e = core.store.get_escalation(id).await.map_err(unavailable)?;
+        if !e
+            .as_ref()
+            .is_some_and(|e| who.is_admin() || e.practice.as_str() == who.practice)
+        {
+            return Err(Status::not_found("no such escalation"));
+        }
+        let action = if disposition.is_some() {
+            "escalation.resolve"
+        } else {
+            "escalation.acknowledge"
+        };
+        let audit = AuditEvent {
+            actor: who.name.clone(),
+            request_id,
+            action: action.to_string(),
+            subject: format!("escalation:{id}"),
+            detail: serde_json::json!({
+                "responder": responder.as_str(),
+                "disposition": disposition.map(|d| d.as_str()),
+            }),
+        };
+        let after = match disposition {
+            None => core.store.acknowledge(id, responder.as_str(), audit).await,
+            Some(d) => core.store.resolve(id, responder.as_str(), d, audit).await,
+        }
+        .map_err(unavailable)?
+        .ok_or_else(|| Status::not_found("no such escalation"))?;
+        tracing::info!(escalation_id = %id, state = after.state.as_str(), "escalation handled");
+        Ok(convert::escalation(&after))
     }
 }
 

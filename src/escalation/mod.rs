@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{EscalationState, Severity, Tier};
+use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::ids::{EscalationId, PatientId, PracticeId};
 use crate::tier1::{Action, Category, Detection, Matcher};
 
@@ -114,6 +114,19 @@ pub struct Escalation {
     /// The utterance or message that opened it.
     pub utterance_id: String,
     pub created_at_ms: i64,
+    pub handling: Handling,
+}
+
+/// What responders have done about an escalation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handling {
+    pub acknowledged_by: Option<String>,
+    pub acknowledged_at_ms: Option<i64>,
+    pub resolved_by: Option<String>,
+    pub resolved_at_ms: Option<i64>,
+    pub disposition: Option<Disposition>,
+    /// Rounds of pages sent or queued (the first page is round 1).
+    pub page_rounds: u32,
 }
 
 /// What goes back on the live channel.

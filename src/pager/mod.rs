@@ -24,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use crate::audit::AuditEvent;
 use crate::escalation::now_ms;
 use crate::roster::{Clinician, Roster};
-use crate::store::{Delivery, Page, Store};
+use crate::store::{Delivery, Page, PageTarget, RepagePolicy, Store};
 
 #[derive(Debug, Error)]
 #[error("delivering a page failed: {0}")]
@@ -48,7 +48,10 @@ impl Notifier for sns::SnsNotifier {
 /// Polled this often even without a signal, for retries that come due.
 const POLL: Duration = Duration::from_millis(250);
 /// Pages taken per round.
-const BATCH: u32 = 32;
+const BATCH: u32 = 64;
+/// Pages in flight at once: one slow provider answer must not hold up the
+/// pages behind it.
+const IN_FLIGHT: usize = 16;
 
 /// Retry delay after `attempts` failures: doubling from one second, capped
 /// at a minute, with up to a quarter more at random so that many failed
@@ -70,16 +73,73 @@ pub struct Pager {
     pub template: String,
     /// Keys the opaque patient reference.
     pub patient_ref_secret: Vec<u8>,
+    pub repage: RepagePolicy,
+    pub backup_after_failures: i64,
+    pub backup_after_ms: i64,
 }
 
 impl Pager {
     /// Runs until `stop` turns true, waking on `wake` or the poll timer.
+    /// Pages go out concurrently, each claimed in memory while in flight so
+    /// the next round does not send it twice.
     pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        // Page id → still in flight? A finished page is remembered until a
+        // read no longer shows it due: a read that raced its commit must not
+        // send it again.
+        let claimed: Arc<std::sync::Mutex<std::collections::HashMap<i64, bool>>> = Arc::default();
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
-            match self.store.due_pages(now_ms(), BATCH).await {
+            while tasks.try_join_next().is_some() {}
+            let this_ = this.clone();
+            let this = this_;
+            match this.store.repage(now_ms(), this.repage).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(
+                        escalations = n,
+                        "not acknowledged in time: paging again, and the backup"
+                    );
+                    metrics::counter!("crisisd_repages_total").increment(n as u64);
+                }
+                Err(e) => tracing::error!(error = %e, "re-paging failed"),
+            }
+            match this.store.outbox_depth().await {
+                Ok((depth, oldest)) => {
+                    metrics::gauge!("crisisd_outbox_depth").set(depth as f64);
+                    let age = oldest.map_or(0, |o| now_ms().saturating_sub(o));
+                    metrics::gauge!("crisisd_outbox_oldest_age_seconds").set(age as f64 / 1000.0);
+                }
+                Err(e) => tracing::error!(error = %e, "reading the outbox depth failed"),
+            }
+            match this.store.due_pages(now_ms(), BATCH).await {
                 Ok(pages) => {
+                    {
+                        let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
+                        c.retain(|id, in_flight| *in_flight || pages.iter().any(|p| p.id == *id));
+                    }
                     for page in pages {
-                        self.deliver(page).await;
+                        let id = page.id;
+                        {
+                            let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
+                            if c.contains_key(&id) {
+                                continue;
+                            }
+                            c.insert(id, true);
+                        }
+                        let Ok(slot) = slots.clone().acquire_owned().await else {
+                            break;
+                        };
+                        let (pager, claimed) = (this.clone(), claimed.clone());
+                        tasks.spawn(async move {
+                            pager.deliver(page).await;
+                            claimed
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(id, false);
+                            drop(slot);
+                        });
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "reading the outbox failed"),
@@ -90,6 +150,8 @@ impl Pager {
                 _ = stop.changed() => {}
             }
             if *stop.borrow() {
+                // Let what is in flight finish and be recorded.
+                while tasks.join_next().await.is_some() {}
                 return;
             }
         }
@@ -114,6 +176,7 @@ impl Pager {
         let to = match &self.roster {
             None => None,
             Some(roster) => match roster.on_call(&page.practice, jiff::Timestamp::now()) {
+                Some(on_call) if page.target == PageTarget::Backup => Some(on_call.backup),
                 Some(on_call) => {
                     if on_call.primary.is_none() {
                         tracing::warn!(escalation_id = %id, practice = %page.practice, "nobody on call: paging the practice's backup");
@@ -130,6 +193,12 @@ impl Pager {
             },
         };
         let text = self.text(&page);
+        if page.attempts == 0 {
+            // From the page's commit (with its escalation) to its request.
+            let waited = now_ms().saturating_sub(page.created_at_ms);
+            metrics::histogram!("crisisd_page_request_latency_seconds")
+                .record(waited as f64 / 1000.0);
+        }
         let started = std::time::Instant::now();
         match self.notifier.send(to, &text).await {
             Ok(provider_message_id) => {
@@ -146,6 +215,7 @@ impl Pager {
                         "clinician": clinician_id,
                         "provider_message_id": provider_message_id,
                         "attempt": page.attempts + 1,
+                        "target": page.target.as_str(),
                     }),
                 };
                 let delivery = Delivery {
@@ -163,6 +233,25 @@ impl Pager {
                 metrics::counter!("crisisd_pages_failed_total").increment(1);
                 tracing::warn!(escalation_id = %id, attempts = page.attempts + 1, error = %e, "page not delivered; will retry");
                 self.failed(&page, "send failed").await;
+                let age = now_ms().saturating_sub(page.created_at_ms);
+                if page.target == PageTarget::Primary
+                    && !page.backup_queued
+                    && (page.attempts + 1 >= self.backup_after_failures
+                        || age >= self.backup_after_ms)
+                {
+                    tracing::warn!(escalation_id = %id, "page still failing: paging the backup as well");
+                    metrics::counter!("crisisd_pages_backup_total").increment(1);
+                    let audit = AuditEvent {
+                        actor: "crisisd".to_string(),
+                        request_id: uuid::Uuid::now_v7().to_string(),
+                        action: "page.backup".to_string(),
+                        subject: format!("escalation:{id}"),
+                        detail: serde_json::json!({ "attempts": page.attempts + 1, "age_ms": age }),
+                    };
+                    if let Err(e) = self.store.page_backup(&page, audit).await {
+                        tracing::error!(escalation_id = %id, error = %e, "queueing the backup page failed");
+                    }
+                }
             }
         }
     }

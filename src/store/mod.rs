@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::audit::{AuditEvent, AuditRow};
-use crate::domain::{EscalationState, Severity, Tier};
+use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation};
 use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
@@ -73,6 +73,30 @@ pub struct EscalationQuery {
     pub after: Option<(i64, String)>,
 }
 
+/// Whom a page is for: the practice's on-call clinician (its backup when
+/// nobody is on call), or the backup as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageTarget {
+    Primary,
+    Backup,
+}
+
+impl PageTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PageTarget::Primary => "primary",
+            PageTarget::Backup => "backup",
+        }
+    }
+}
+
+/// What re-paging needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepagePolicy {
+    pub ack_timeout_ms: i64,
+    pub max_rounds: u32,
+}
+
 /// A page waiting in the outbox, with what its text and routing need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -85,6 +109,9 @@ pub struct Page {
     pub patient: PatientId,
     pub attempts: i64,
     pub created_at_ms: i64,
+    pub target: PageTarget,
+    /// A backup page was already queued for this one.
+    pub backup_queued: bool,
 }
 
 /// A page handed to the provider.
@@ -142,6 +169,37 @@ pub trait Store: Send + Sync {
     -> Result<(), StoreError>;
 
     async fn page_failed(&self, page: i64, retry_at_ms: i64) -> Result<(), StoreError>;
+
+    /// Marks an open escalation acknowledged and cancels its pages not yet
+    /// sent; appends `audit` only when that changed something. None when
+    /// there is no such escalation.
+    async fn acknowledge(
+        &self,
+        id: EscalationId,
+        responder: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<Escalation>, StoreError>;
+
+    /// Resolves an escalation (open or acknowledged) with a disposition;
+    /// idempotent like `acknowledge`.
+    async fn resolve(
+        &self,
+        id: EscalationId,
+        responder: &str,
+        disposition: Disposition,
+        audit: AuditEvent,
+    ) -> Result<Option<Escalation>, StoreError>;
+
+    /// Queues another round of pages (primary and backup) for every open
+    /// escalation not acknowledged within the timeout, up to the policy's
+    /// rounds; returns how many escalations were re-paged.
+    async fn repage(&self, now_ms: i64, policy: RepagePolicy) -> Result<usize, StoreError>;
+
+    /// Queues a page to the backup alongside `page`, once.
+    async fn page_backup(&self, page: &Page, audit: AuditEvent) -> Result<(), StoreError>;
+
+    /// Undelivered pages and the creation time of the oldest.
+    async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError>;
 
     /// Notified after a commit that put a page in the outbox, so the pager
     /// sends it at once instead of on its next poll.

@@ -24,17 +24,32 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, Recorded, Store, StoreError,
+    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget, Recorded,
+    RepagePolicy, Store, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
-use crate::domain::{EscalationState, Severity, Tier};
-use crate::escalation::{Directive, Escalation, Origin, now_ms};
+use crate::domain::{Disposition, EscalationState, Severity, Tier};
+use crate::escalation::{Directive, Escalation, Handling, Origin, now_ms};
 use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Each step takes the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2];
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3];
+
+/// Version 3: acknowledgement, resolution, re-paging rounds, backup pages.
+const SCHEMA_3: &str = r#"
+ALTER TABLE escalations ADD COLUMN acknowledged_by TEXT;
+ALTER TABLE escalations ADD COLUMN acknowledged_at_ms INTEGER;
+ALTER TABLE escalations ADD COLUMN resolved_by TEXT;
+ALTER TABLE escalations ADD COLUMN resolved_at_ms INTEGER;
+ALTER TABLE escalations ADD COLUMN disposition TEXT;
+ALTER TABLE escalations ADD COLUMN page_rounds INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE escalations ADD COLUMN next_repage_at_ms INTEGER;
+CREATE INDEX escalations_open ON escalations (state) WHERE state = 'open';
+ALTER TABLE outbox ADD COLUMN target TEXT NOT NULL DEFAULT 'primary' CHECK (target IN ('primary', 'backup'));
+ALTER TABLE outbox ADD COLUMN backup_queued INTEGER NOT NULL DEFAULT 0;
+"#;
 
 /// Version 2: who a page went to and the provider's message id.
 const SCHEMA_2: &str = r#"
@@ -150,12 +165,34 @@ enum Job {
         retry_at_ms: i64,
         reply: Reply<()>,
     },
+    /// Acknowledge (disposition None) or resolve.
+    Handle {
+        id: String,
+        responder: String,
+        disposition: Option<Disposition>,
+        audit: AuditEvent,
+        reply: Reply<u64>,
+    },
+    Repage {
+        now_ms: i64,
+        policy: RepagePolicy,
+        reply: Reply<u64>,
+    },
+    PageBackup {
+        page: i64,
+        escalation_id: String,
+        severity: i64,
+        practice: String,
+        audit: AuditEvent,
+        reply: Reply<()>,
+    },
 }
 
 /// A job's outcome, sent once its group has committed.
 enum Done {
     Unit(Reply<()>, Result<(), StoreError>),
     Recorded(Reply<Recorded>, Result<Recorded, StoreError>),
+    Value(Reply<u64>, Result<u64, StoreError>),
 }
 
 impl Done {
@@ -168,6 +205,9 @@ impl Done {
             Done::Recorded(r, _) => {
                 let _ = r.send(Err(e()));
             }
+            Done::Value(r, _) => {
+                let _ = r.send(Err(e()));
+            }
         }
     }
 
@@ -177,6 +217,9 @@ impl Done {
                 let _ = r.send(v);
             }
             Done::Recorded(r, v) => {
+                let _ = r.send(v);
+            }
+            Done::Value(r, v) => {
                 let _ = r.send(v);
             }
         }
@@ -391,7 +434,8 @@ async fn commit_group(
         }
         done.push(match (reply, outcome) {
             (JobReply::Unit(r), o) => Done::Unit(r, o.map(|_| ())),
-            (JobReply::Recorded(r), o) => Done::Recorded(r, o),
+            (JobReply::Recorded(r), o) => Done::Recorded(r, o.map(|(rec, _)| rec)),
+            (JobReply::Value(r), o) => Done::Value(r, o.map(|(_, v)| v)),
         });
     }
     tx.commit().await.map_err(db("commit"))?;
@@ -401,6 +445,7 @@ async fn commit_group(
 enum JobReply {
     Unit(Reply<()>),
     Recorded(Reply<Recorded>),
+    Value(Reply<u64>),
 }
 
 fn job_reply(job: Job) -> Done {
@@ -409,8 +454,10 @@ fn job_reply(job: Job) -> Done {
         Job::Escalate { reply, .. }
         | Job::Audit { reply, .. }
         | Job::PageDelivered { reply, .. }
-        | Job::PageFailed { reply, .. } => Done::Unit(reply, e),
+        | Job::PageFailed { reply, .. }
+        | Job::PageBackup { reply, .. } => Done::Unit(reply, e),
         Job::Message { reply, .. } => Done::Recorded(reply, Ok(Recorded::New)),
+        Job::Handle { reply, .. } | Job::Repage { reply, .. } => Done::Value(reply, Ok(0)),
     }
 }
 
@@ -420,7 +467,7 @@ async fn run_job(
     tx: &mut Transaction<'_, Sqlite>,
     head: &mut Head,
     job: Job,
-) -> (JobReply, Result<Recorded, StoreError>) {
+) -> (JobReply, Result<(Recorded, u64), StoreError>) {
     match job {
         Job::Escalate {
             write,
@@ -433,7 +480,7 @@ async fn run_job(
                 Ok(Recorded::New)
             }
             .await;
-            (JobReply::Unit(reply), r)
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
         }
         Job::Audit { event, reply } => {
             let r = async {
@@ -441,7 +488,7 @@ async fn run_job(
                 Ok(Recorded::New)
             }
             .await;
-            (JobReply::Unit(reply), r)
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
         }
         Job::Message {
             message,
@@ -475,7 +522,7 @@ async fn run_job(
                 Ok(Recorded::New)
             }
             .await;
-            (JobReply::Recorded(reply), r)
+            (JobReply::Recorded(reply), r.map(|rec| (rec, 0)))
         }
         Job::PageDelivered {
             delivery,
@@ -499,7 +546,7 @@ async fn run_job(
                 Ok(Recorded::New)
             }
             .await;
-            (JobReply::Unit(reply), r)
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
         }
         Job::PageFailed {
             page,
@@ -515,6 +562,164 @@ async fn run_job(
             .await
             .map(|_| Recorded::New)
             .map_err(db("marking a page failed"));
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+        }
+        Job::Handle {
+            id,
+            responder,
+            disposition,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                let now = now_ms();
+                let changed = match disposition {
+                    None => sqlx::query(
+                        "UPDATE escalations SET state = 'acknowledged', acknowledged_by = ?,
+                             acknowledged_at_ms = ?, updated_at_ms = ?
+                         WHERE id = ? AND state = 'open'",
+                    )
+                    .bind(&responder)
+                    .bind(now)
+                    .bind(now)
+                    .bind(&id),
+                    Some(d) => sqlx::query(
+                        "UPDATE escalations SET state = 'resolved', resolved_by = ?,
+                             resolved_at_ms = ?, disposition = ?, updated_at_ms = ?
+                         WHERE id = ? AND state <> 'resolved'",
+                    )
+                    .bind(&responder)
+                    .bind(now)
+                    .bind(d.as_str())
+                    .bind(now)
+                    .bind(&id),
+                }
+                .execute(&mut **tx)
+                .await
+                .map_err(db("updating an escalation"))?
+                .rows_affected();
+                let exists: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM escalations WHERE id = ?")
+                        .bind(&id)
+                        .fetch_optional(&mut **tx)
+                        .await
+                        .map_err(db("reading an escalation"))?;
+                if changed > 0 {
+                    // Pages not yet sent have nobody left to reach.
+                    sqlx::query(
+                        "UPDATE outbox SET delivered_at_ms = ?, provider_message_id = 'cancelled'
+                         WHERE escalation_id = ? AND delivered_at_ms IS NULL",
+                    )
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("cancelling pages"))?;
+                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                }
+                Ok((Recorded::New, u64::from(exists.is_some())))
+            }
+            .await;
+            (JobReply::Value(reply), r)
+        }
+        Job::Repage {
+            now_ms: now,
+            policy,
+            reply,
+        } => {
+            let r = async {
+                let due = sqlx::query(
+                    "SELECT id, severity, practice_id, page_rounds FROM escalations
+                     WHERE state = 'open' AND page_rounds < ?
+                       AND COALESCE(next_repage_at_ms, created_at_ms + ?) <= ?",
+                )
+                .bind(i64::from(policy.max_rounds))
+                .bind(policy.ack_timeout_ms)
+                .bind(now)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db("finding escalations to re-page"))?;
+                for row in &due {
+                    let id: String = row.try_get("id").map_err(db("re-paging"))?;
+                    let severity: i64 = row.try_get("severity").map_err(db("re-paging"))?;
+                    let practice: String = row.try_get("practice_id").map_err(db("re-paging"))?;
+                    let rounds: i64 = row.try_get("page_rounds").map_err(db("re-paging"))?;
+                    for target in ["primary", "backup"] {
+                        sqlx::query(
+                            "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms,
+                                 next_attempt_at_ms, target, backup_queued)
+                             VALUES (?, ?, ?, ?, ?, ?, 1)",
+                        )
+                        .bind(&id)
+                        .bind(severity)
+                        .bind(&practice)
+                        .bind(now)
+                        .bind(now)
+                        .bind(target)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db("queueing a re-page"))?;
+                    }
+                    sqlx::query(
+                        "UPDATE escalations SET page_rounds = page_rounds + 1, next_repage_at_ms = ?
+                         WHERE id = ?",
+                    )
+                    .bind(now + policy.ack_timeout_ms)
+                    .bind(&id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("re-paging"))?;
+                    let audit = AuditEvent {
+                        actor: "crisisd".to_string(),
+                        request_id: uuid::Uuid::now_v7().to_string(),
+                        action: "escalation.repage".to_string(),
+                        subject: format!("escalation:{id}"),
+                        detail: serde_json::json!({ "round": rounds + 1, "reason": "not acknowledged" }),
+                    };
+                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                }
+                Ok((Recorded::New, due.len() as u64))
+            }
+            .await;
+            (JobReply::Value(reply), r)
+        }
+        Job::PageBackup {
+            page,
+            escalation_id,
+            severity,
+            practice,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                let marked = sqlx::query(
+                    "UPDATE outbox SET backup_queued = 1 WHERE id = ? AND backup_queued = 0",
+                )
+                .bind(page)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("queueing a backup page"))?
+                .rows_affected();
+                if marked > 0 {
+                    let now = now_ms();
+                    sqlx::query(
+                        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms,
+                             next_attempt_at_ms, target, backup_queued)
+                         VALUES (?, ?, ?, ?, ?, 'backup', 1)",
+                    )
+                    .bind(&escalation_id)
+                    .bind(severity)
+                    .bind(&practice)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("queueing a backup page"))?;
+                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                }
+                Ok((Recorded::New, 0))
+            }
+            .await;
             (JobReply::Unit(reply), r)
         }
     }
@@ -687,6 +892,19 @@ fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
         state: EscalationState::parse(&get("state")?).ok_or_else(|| corrupt(OP, "bad state"))?,
         utterance_id: get("utterance_id")?,
         created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
+        handling: Handling {
+            acknowledged_by: r.try_get("acknowledged_by").map_err(db(OP))?,
+            acknowledged_at_ms: r.try_get("acknowledged_at_ms").map_err(db(OP))?,
+            resolved_by: r.try_get("resolved_by").map_err(db(OP))?,
+            resolved_at_ms: r.try_get("resolved_at_ms").map_err(db(OP))?,
+            disposition: r
+                .try_get::<Option<String>, _>("disposition")
+                .map_err(db(OP))?
+                .map(|d| Disposition::parse(&d).ok_or_else(|| corrupt(OP, "bad disposition")))
+                .transpose()?,
+            page_rounds: u32::try_from(r.try_get::<i64, _>("page_rounds").map_err(db(OP))?)
+                .map_err(|_| corrupt(OP, "bad page rounds"))?,
+        },
     })
 }
 
@@ -835,7 +1053,7 @@ impl Store for SqliteStore {
         const OP: &str = "reading due pages";
         let rows = sqlx::query(
             "SELECT o.id, o.escalation_id, o.severity, o.practice_id, o.attempts, o.created_at_ms,
-                    e.tier, e.patient_id
+                    o.target, o.backup_queued, e.tier, e.patient_id
              FROM outbox o JOIN escalations e ON e.id = o.escalation_id
              WHERE o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?
              ORDER BY o.next_attempt_at_ms, o.id LIMIT ?",
@@ -863,6 +1081,11 @@ impl Store for SqliteStore {
                         .map_err(|_| corrupt(OP, "bad patient id"))?,
                     attempts: r.try_get("attempts").map_err(db(OP))?,
                     created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
+                    target: match r.try_get::<String, _>("target").map_err(db(OP))?.as_str() {
+                        "backup" => PageTarget::Backup,
+                        _ => PageTarget::Primary,
+                    },
+                    backup_queued: r.try_get::<i64, _>("backup_queued").map_err(db(OP))? != 0,
                 })
             })
             .collect()
@@ -888,6 +1111,86 @@ impl Store for SqliteStore {
             reply,
         })
         .await
+    }
+
+    async fn acknowledge(
+        &self,
+        id: EscalationId,
+        responder: &str,
+        audit: AuditEvent,
+    ) -> Result<Option<Escalation>, StoreError> {
+        let found = self
+            .submit(|reply| Job::Handle {
+                id: id.to_string(),
+                responder: responder.to_string(),
+                disposition: None,
+                audit,
+                reply,
+            })
+            .await?;
+        if found == 0 {
+            return Ok(None);
+        }
+        self.get_escalation(id).await
+    }
+
+    async fn resolve(
+        &self,
+        id: EscalationId,
+        responder: &str,
+        disposition: Disposition,
+        audit: AuditEvent,
+    ) -> Result<Option<Escalation>, StoreError> {
+        let found = self
+            .submit(|reply| Job::Handle {
+                id: id.to_string(),
+                responder: responder.to_string(),
+                disposition: Some(disposition),
+                audit,
+                reply,
+            })
+            .await?;
+        if found == 0 {
+            return Ok(None);
+        }
+        self.get_escalation(id).await
+    }
+
+    async fn repage(&self, now_ms: i64, policy: RepagePolicy) -> Result<usize, StoreError> {
+        let n = self
+            .submit(|reply| Job::Repage {
+                now_ms,
+                policy,
+                reply,
+            })
+            .await?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    async fn page_backup(&self, page: &Page, audit: AuditEvent) -> Result<(), StoreError> {
+        self.submit(|reply| Job::PageBackup {
+            page: page.id,
+            escalation_id: page.escalation_id.to_string(),
+            severity: page.severity.code(),
+            practice: page.practice.clone(),
+            audit,
+            reply,
+        })
+        .await
+    }
+
+    async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
+        const OP: &str = "reading the outbox depth";
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n, MIN(created_at_ms) AS oldest FROM outbox WHERE delivered_at_ms IS NULL",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(db(OP))?;
+        Ok((
+            r.try_get("n").map_err(db(OP))?,
+            r.try_get("oldest").map_err(db(OP))?,
+        ))
     }
 
     fn pages_signal(&self) -> Arc<Notify> {
