@@ -159,7 +159,18 @@ clinician = "dr-ortiz"
 days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 start = "12:00"
 end = "00:00"
+
+# Nobody on call, ever: every page goes to the backup.
+[[practice]]
+id = "p2"
+time_zone = "America/Chicago"
+backup = "dr-kim"
+[[practice.clinician]]
+id = "dr-kim"
+name = "Dr. Jo Kim"
+phone = "+15555550103"
 "#;
+const P2_BACKUP: &str = "+15555550103";
 
 struct Server {
     child: Child,
@@ -203,7 +214,6 @@ fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Server {
             "CRISISD_SNS_ENDPOINT_URL",
             format!("http://127.0.0.1:{sns_port}"),
         )
-        .env("CRISISD_SNS_TIMEOUT_MS", "500")
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -235,6 +245,10 @@ const SENTENCE: &str = "My name is Zebulon Quixote and I want to kill myself";
 /// One call with one explicit utterance; returns once its directive (and
 /// so its committed escalation) is back.
 fn escalate(addr: &str, call: &str) -> String {
+    escalate_in(addr, call, "p1")
+}
+
+fn escalate_in(addr: &str, call: &str, practice: &str) -> String {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -247,7 +261,7 @@ fn escalate(addr: &str, call: &str) -> String {
             &mut c,
             None,
             vec![
-                started(call, "patient-7", "p1", "en"),
+                started(call, "patient-7", practice, "en"),
                 patient("u1", SENTENCE),
                 ended(),
             ],
@@ -456,6 +470,91 @@ fn page_requests_leave_within_50_ms_of_the_escalation() {
         max * 1e3
     );
     assert!(p99 < 0.050, "p99 {p99} s");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn nobody_on_call_pages_the_backup_and_a_failing_page_reaches_the_backup_too() {
+    let port = free_port();
+    let dir = temp_dir("paging");
+    let env = [("CRISISD_PAGING_BACKUP_AFTER_FAILURES", "2")];
+    // SNS down: the page to p1's on-call clinician fails twice, and the
+    // backup is queued as well.
+    let server = serve_with(&dir, port, &env);
+    let id = escalate(&server.addr, "call-failing");
+    std::thread::sleep(Duration::from_millis(3500));
+    let moto = Moto::start(port);
+    let sms = moto.wait_for(2, Duration::from_secs(20));
+    assert_eq!(sms.len(), 2, "{sms:?}");
+    let mut to: Vec<&str> = sms.iter().map(|(p, _)| p.as_str()).collect();
+    to.sort_unstable();
+    assert_eq!(to, [ON_CALL, BACKUP]);
+    assert!(sms.iter().all(|(_, t)| t.contains(short(&id))));
+
+    // Practice p2 has nobody on call: its backup is paged, and the output
+    // says so by ids only.
+    let _ = http(moto.port, "POST", "/moto-api/reset");
+    escalate_in(&server.addr, "call-p2", "p2");
+    let sms = moto.wait_for(1, Duration::from_secs(10));
+    assert_eq!(sms.len(), 1, "{sms:?}");
+    assert_eq!(sms[0].0, P2_BACKUP);
+    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(out.contains("nobody on call"), "{out}");
+    assert!(!out.contains(P2_BACKUP) && !out.contains("Kim"), "{out}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_credentials_or_instance_metadata_the_service_still_starts_and_detects() {
+    let dir = temp_dir("paging");
+    std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
+    let started_at = Instant::now();
+    // No AWS variables at all, and instance metadata left enabled: the
+    // credential chain would try 169.254.169.254, which answers nothing here.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crisisd"))
+        .current_dir(&dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &dir)
+        .env("CRISISD_DATA_DIR", dir.join("data"))
+        .env("CRISISD_PAGING_NOTIFIER", "sns")
+        .env("CRISISD_PAGING_ROSTER", dir.join("roster.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let out = Arc::new(Mutex::new(String::new()));
+    drain(child.stdout.take().expect("stdout"), out.clone());
+    drain(child.stderr.take().expect("stderr"), out.clone());
+    let server = Server {
+        child,
+        addr: String::new(),
+        out,
+    };
+    let addr = loop {
+        let text = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(a) = text.lines().find_map(|l| {
+            l.split_once(" listening on ")
+                .map(|(_, a)| a.trim().to_string())
+        }) {
+            break a;
+        }
+        assert!(
+            started_at.elapsed() < Duration::from_secs(10),
+            "no start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let t = Instant::now();
+    escalate(&addr, "call-no-aws");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "detection waited {:?}",
+        t.elapsed()
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sns::Client;
 use aws_sdk_sns::config::Region;
@@ -35,8 +36,12 @@ fn attribute(value: &str) -> Result<MessageAttributeValue, NotifyError> {
 
 impl SnsNotifier {
     pub async fn new(config: &Sns) -> SnsNotifier {
+        // No retries inside the SDK: Publish is not idempotent, and a retry
+        // after a timed-out attempt that SNS did take sends the SMS twice.
+        // The outbox retries, with backoff, metrics and an audit trail.
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
+            .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_millis(config.timeout_ms))
