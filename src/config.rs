@@ -237,6 +237,39 @@ impl Default for Sns {
     }
 }
 
+/// The contextual classifier (Tier 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tier2 {
+    /// Bedrock model id or inference profile; empty: no classifier, and
+    /// every review escalates by the fail-safe rule.
+    pub model_id: String,
+    pub region: String,
+    /// Any Converse-compatible endpoint; empty: Bedrock's own.
+    pub endpoint_url: String,
+    /// The whole decision, retries included, in milliseconds.
+    pub deadline_ms: u64,
+    /// The window sent: at most this many turns and characters.
+    pub max_turns: usize,
+    pub max_chars: usize,
+    /// Model requests in flight across the service.
+    pub max_in_flight: usize,
+}
+
+impl Default for Tier2 {
+    fn default() -> Self {
+        Tier2 {
+            model_id: String::new(),
+            region: "us-east-1".to_string(),
+            endpoint_url: String::new(),
+            deadline_ms: 4000,
+            max_turns: 12,
+            max_chars: 4000,
+            max_in_flight: 32,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -252,6 +285,7 @@ pub struct Config {
     pub tls: Tls,
     pub paging: Paging,
     pub sns: Sns,
+    pub tier2: Tier2,
     pub tokens: Vec<Token>,
     pub practices: Vec<Practice>,
 }
@@ -268,6 +302,7 @@ impl Default for Config {
             tls: Tls::default(),
             paging: Paging::default(),
             sns: Sns::default(),
+            tier2: Tier2::default(),
             tokens: Vec::new(),
             practices: Vec::new(),
         }
@@ -391,6 +426,10 @@ impl Config {
                 u64::from(self.paging.backup_after_failures),
             ),
             ("paging.backup_after_secs", self.paging.backup_after_secs),
+            ("tier2.deadline_ms", self.tier2.deadline_ms),
+            ("tier2.max_turns", self.tier2.max_turns as u64),
+            ("tier2.max_chars", self.tier2.max_chars as u64),
+            ("tier2.max_in_flight", self.tier2.max_in_flight as u64),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -47,3 +47,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tier1;
+pub mod tier2;
