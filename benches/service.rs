@@ -137,7 +137,7 @@ fn main() {
             async {
                 let _ = stopped.await;
             },
-            None,
+            Default::default(),
         ));
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();

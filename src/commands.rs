@@ -57,7 +57,7 @@ pub fn serve(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("config key listen: binding {addr}"))?;
-        crisisd::server::serve(config, listener, shutdown_signal(), None).await?;
+        crisisd::server::serve(config, listener, shutdown_signal(), Default::default()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use crate::escalation::Open;
 use crate::ids::{CallId, PatientId, PracticeId, UtteranceId};
 use crate::tier1::StreamState;
+use crate::tier2::Turn;
 
 /// Final utterance ids remembered per call, to ignore a repeated final.
 const FINALS_REMEMBERED: usize = 256;
@@ -73,10 +74,19 @@ pub struct Call {
     pub start: CallStart,
     /// Tier 1's window and automaton state for this call.
     pub stream: StreamState,
-    pub open: Option<Open>,
+    /// Recent final turns of both speakers, for Tier 2. In memory only.
+    pub turns: VecDeque<Turn>,
+    /// The escalation state, shared with the call's Tier 2 worker.
+    pub shared: Arc<Mutex<CallShared>>,
     finals: HashSet<UtteranceId>,
     finals_order: VecDeque<UtteranceId>,
     pub utterances: u64,
+}
+
+/// What the stream and its Tier 2 worker both change.
+#[derive(Debug, Default)]
+pub struct CallShared {
+    pub open: Option<Open>,
     pub escalations: u64,
     pub directives: u64,
 }
@@ -86,13 +96,20 @@ impl Call {
         Call {
             start,
             stream: StreamState::new(),
-            open: None,
+            turns: VecDeque::new(),
+            shared: Arc::default(),
             finals: HashSet::new(),
             finals_order: VecDeque::new(),
             utterances: 0,
-            escalations: 0,
-            directives: 0,
         }
+    }
+
+    /// Keeps a final turn for Tier 2's window, at most `max` of them.
+    pub fn remember(&mut self, turn: Turn, max: usize) {
+        if self.turns.len() >= max.max(1) {
+            self.turns.pop_front();
+        }
+        self.turns.push_back(turn);
     }
 
     /// Whether this final was seen already; remembers it if not.
@@ -117,6 +134,8 @@ pub struct Thread {
     pub stream: StreamState,
     pub open: Option<Open>,
     pub last_ms: i64,
+    /// Recent texts, for Tier 2. In memory only.
+    pub turns: VecDeque<Turn>,
 }
 
 /// Threads by (practice, thread id).

@@ -105,10 +105,18 @@ pub fn describe(config: &Config, addr: SocketAddr, matcher: &Matcher) -> String 
         matcher.rules().exclusions.len(),
     );
     format!(
-        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: no classifier configured: a review escalates by the fail-safe rule\n  pager: {pager}\n  metrics: {metrics}",
+        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: {tier2}\n  pager: {pager}\n  metrics: {metrics}",
         version = env!("CARGO_PKG_VERSION"),
         db = config.database_path().display(),
         patterns = matcher.pattern_count(),
+        tier2 = if config.tier2.model_id.is_empty() {
+            "no classifier configured: a review escalates by the fail-safe rule".to_string()
+        } else {
+            format!(
+                "{} on Bedrock in {} (deadline {} ms; a failure escalates)",
+                config.tier2.model_id, config.tier2.region, config.tier2.deadline_ms
+            )
+        },
         pager = match (config.paging.notifier, config.paging.roster.is_empty()) {
             (NotifierKind::Console, true) =>
                 "console (prints the page it would send), no roster".to_string(),
@@ -150,15 +158,26 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Implementations to use instead of those the config names: tests and
+/// embedders plug theirs in here.
+#[derive(Default)]
+pub struct Seams {
+    pub notifier: Option<Arc<dyn Notifier>>,
+    pub classifier: Option<Arc<dyn crate::tier2::Classifier>>,
+}
+
 /// Serves on `listener` until `shutdown` completes, then finishes what is
-/// in flight and closes the store. `notifier` delivers pages (the console
-/// when None).
+/// in flight and closes the store.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    notifier: Option<Arc<dyn Notifier>>,
+    seams: Seams,
 ) -> Result<(), ServeError> {
+    let Seams {
+        notifier,
+        classifier,
+    } = seams;
     install_crypto_provider();
     let addr = listener.local_addr().map_err(ServeError::Listener)?;
     let matcher = Arc::new(Matcher::builtin().map_err(ServeError::Rules)?);
@@ -229,7 +248,21 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let service = Service::new(Core::new(matcher, store.clone(), config.clone()));
+    // Building the client reads configuration only; credentials are looked
+    // up with the first request.
+    let classifier: Option<Arc<dyn crate::tier2::Classifier>> = match classifier {
+        Some(c) => Some(c),
+        None if config.tier2.model_id.is_empty() => None,
+        None => Some(Arc::new(
+            crate::tier2::bedrock::BedrockClassifier::new(&config.tier2, None).await,
+        )),
+    };
+    let service = Service::new(Core::new(
+        matcher,
+        store.clone(),
+        config.clone(),
+        classifier,
+    ));
     let crisis = InterceptedService::new(
         CrisisDetectionServer::new(service)
             .max_decoding_message_size(frame_limit)

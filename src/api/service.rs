@@ -23,12 +23,14 @@ use super::pb;
 use super::pb::crisis_detection_server::CrisisDetection;
 use crate::audit::AuditEvent;
 use crate::config::{Config, Role};
-use crate::conversation::{Call, Threads};
+use crate::conversation::{Call, CallShared, Threads};
+use crate::domain::Tier;
 use crate::domain::{EscalationState, Speaker};
 use crate::escalation::{self, Directive, Escalation, Open, Origin, Step, Trigger, now_ms};
 use crate::ids::EscalationId;
 use crate::store::{EscalationQuery, EscalationWrite, MessageVerdict, Recorded, Store};
 use crate::tier1::{Action, Detection, Matcher};
+use crate::tier2::{Classifier, Decision, Turn};
 
 /// Directives waiting to go out on one stream. A client that does not read
 /// them stops being read from in turn (the send waits): back-pressure, not
@@ -44,17 +46,241 @@ pub struct Core {
     pub config: Arc<Config>,
     pub streams: Arc<Semaphore>,
     pub threads: Threads,
+    /// The contextual classifier, if one is configured.
+    pub classifier: Option<Arc<dyn Classifier>>,
+    /// Model requests in flight across the service.
+    pub tier2_slots: Arc<Semaphore>,
+}
+
+/// A review waiting for Tier 2.
+struct Review {
+    turns: Vec<Turn>,
+    trigger: Trigger,
+    utterance_id: String,
+    received: Instant,
+}
+
+/// Whether a directive went out.
+enum Sent {
+    Yes,
+    Nothing,
+    ClientGone,
+}
+
+/// A call's Tier 2 worker: one request in flight per call; reviews that
+/// arrive meanwhile replace the waiting one, so the next request carries
+/// the newest context.
+struct Tier2Worker {
+    slot: Arc<std::sync::Mutex<(Option<Review>, bool)>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Tier2Worker {
+    fn submit(&self, r: Review) {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).0 = Some(r);
+        self.wake.notify_one();
+    }
+
+    /// The stream is over: finish what is waiting, then stop.
+    fn close(&self) {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.wake.notify_one();
+    }
 }
 
 impl Core {
-    pub fn new(matcher: Arc<Matcher>, store: Arc<dyn Store>, config: Arc<Config>) -> Core {
+    pub fn new(
+        matcher: Arc<Matcher>,
+        store: Arc<dyn Store>,
+        config: Arc<Config>,
+        classifier: Option<Arc<dyn Classifier>>,
+    ) -> Core {
         Core {
             streams: Arc::new(Semaphore::new(config.limits.max_streams)),
             threads: Threads::new(config.limits.max_threads, config.limits.thread_window_secs),
+            tier2_slots: Arc::new(Semaphore::new(config.tier2.max_in_flight)),
+            classifier,
             matcher,
             store,
             config,
         }
+    }
+
+    /// Asks Tier 2 about a review and judges the answer. A full queue, like
+    /// any failure, escalates. One audit row per model call: conversation,
+    /// model, outcome, latency; never the text.
+    async fn tier2(
+        &self,
+        subject: &str,
+        review_turns: &[Turn],
+        trigger: &Trigger,
+    ) -> Option<Trigger> {
+        let classifier = self.classifier.as_ref()?;
+        let started = Instant::now();
+        let result = match self.tier2_slots.clone().try_acquire_owned() {
+            Ok(_slot) => classifier.classify(review_turns).await,
+            Err(_) => Err(crate::tier2::ClassifyError::QueueFull),
+        };
+        let failed = result.is_err();
+        let decision = crate::tier2::judge(result, trigger.severity);
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let outcome = match &decision {
+            Decision::Dismiss { reason_code } => format!("dismiss.{reason_code}"),
+            Decision::Escalate { reason_code, .. } => format!("escalate.{reason_code}"),
+        };
+        metrics::counter!("crisisd_tier2_calls_total", "outcome" => if failed { "failed" } else { "answered" }).increment(1);
+        metrics::histogram!("crisisd_tier2_latency_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(subject, model = classifier.model(), outcome = %outcome, latency_ms, "tier 2 decided");
+        let audit = AuditEvent {
+            actor: "crisisd".to_string(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+            action: "tier2.call".to_string(),
+            subject: subject.to_string(),
+            detail: serde_json::json!({
+                "model": classifier.model(),
+                "outcome": outcome,
+                "latency_ms": latency_ms,
+                "rule": trigger.rule_id,
+            }),
+        };
+        if let Err(e) = self.store.audit(audit).await {
+            tracing::error!(subject, error = %e, "audit write failed");
+        }
+        match decision {
+            Decision::Dismiss { .. } => None,
+            Decision::Escalate {
+                severity,
+                reason_code,
+            } => Some(Trigger {
+                tier: crate::domain::Tier::Context,
+                severity,
+                rule_id: trigger.rule_id.clone(),
+                reason_code,
+            }),
+        }
+    }
+
+    /// Applies a trigger to a call: a new escalation or a rise is recorded
+    /// and its directive sent; a lesser one attaches. Called by the stream's
+    /// loop and by its Tier 2 worker, hence every part passed in.
+    #[allow(clippy::too_many_arguments)]
+    async fn escalate_call(
+        &self,
+        start: &crate::conversation::CallStart,
+        shared: &tokio::sync::Mutex<CallShared>,
+        trigger: Trigger,
+        utterance_id: &str,
+        actor: &str,
+        request_id: &str,
+        tx: &DirectiveTx,
+        received: Instant,
+    ) -> Sent {
+        let mut sh = shared.lock().await;
+        let origin = Origin::Call(start.call.to_string());
+        let (id, write, action) = match escalation::step(sh.open, &trigger) {
+            Step::Attach(o) => {
+                tracing::debug!(call_id = %start.call, escalation_id = %o.id, "trigger attached to open escalation");
+                return Sent::Nothing;
+            }
+            Step::New => {
+                let e = self.new_escalation(
+                    &trigger,
+                    &start.practice,
+                    &start.patient,
+                    origin.clone(),
+                    utterance_id,
+                );
+                let id = e.id;
+                (
+                    id,
+                    EscalationWrite::Create(Box::new(e)),
+                    "escalation.create",
+                )
+            }
+            Step::Raise(o) => (
+                o.id,
+                EscalationWrite::Raise {
+                    id: o.id,
+                    severity: trigger.severity,
+                },
+                "escalation.raise",
+            ),
+        };
+        let audit = Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
+        self.record(write, audit, id).await;
+        sh.open = Some(Open {
+            id,
+            severity: trigger.severity,
+        });
+        sh.escalations += u64::from(action == "escalation.create");
+        let d = self.directive(
+            id,
+            &trigger,
+            start.practice.as_str(),
+            start.language.as_str(),
+            utterance_id,
+        );
+        tracing::info!(call_id = %start.call, escalation_id = %id, tier = trigger.tier.as_str(), severity = trigger.severity.as_str(), rule = %trigger.rule_id, "escalation");
+        metrics::counter!("crisisd_escalations_total", "tier" => trigger.tier.as_str(), "severity" => trigger.severity.as_str()).increment(1);
+        if tx.send(Ok(convert::directive(&d))).await.is_err() {
+            return Sent::ClientGone;
+        }
+        sh.directives += 1;
+        metrics::histogram!("crisisd_directive_latency_seconds")
+            .record(received.elapsed().as_secs_f64());
+        Sent::Yes
+    }
+
+    /// Starts a call's Tier 2 worker, if a classifier is configured.
+    fn tier2_worker(
+        self: &Arc<Self>,
+        start: &crate::conversation::CallStart,
+        shared: &Arc<tokio::sync::Mutex<CallShared>>,
+        actor: &str,
+        request_id: &str,
+        tx: &DirectiveTx,
+    ) -> Option<(Tier2Worker, tokio::task::JoinHandle<()>)> {
+        self.classifier.as_ref()?;
+        let worker = Tier2Worker {
+            slot: Arc::default(),
+            wake: Arc::default(),
+        };
+        let (slot, wake) = (worker.slot.clone(), worker.wake.clone());
+        let (core, start, shared, tx) = (self.clone(), start.clone(), shared.clone(), tx.clone());
+        let (actor, request_id) = (actor.to_string(), request_id.to_string());
+        let task = tokio::spawn(async move {
+            let subject = format!("call:{}", start.call);
+            loop {
+                let (next, closed) = {
+                    let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    (s.0.take(), s.1)
+                };
+                let Some(r) = next else {
+                    if closed {
+                        return;
+                    }
+                    wake.notified().await;
+                    continue;
+                };
+                if let Some(t) = core.tier2(&subject, &r.turns, &r.trigger).await {
+                    // The stream may be gone: the escalation is still recorded and paged.
+                    let _ = core
+                        .escalate_call(
+                            &start,
+                            &shared,
+                            t,
+                            &r.utterance_id,
+                            &actor,
+                            &request_id,
+                            &tx,
+                            r.received,
+                        )
+                        .await;
+                }
+            }
+        });
+        Some((worker, task))
     }
 }
 
@@ -234,7 +460,7 @@ impl Core {
     }
 
     async fn run_call(
-        &self,
+        self: Arc<Self>,
         inbound: &mut Streaming<pb::TranscriptEvent>,
         tx: &DirectiveTx,
         actor: &str,
@@ -272,9 +498,28 @@ impl Core {
         tracing::info!(%call_id, %request_id, "stream opened");
         metrics::counter!("crisisd_streams_total").increment(1);
         let mut call = Call::new(start);
+        let worker = self.tier2_worker(&call.start, &call.shared, actor, request_id, tx);
         let result = self
-            .call_events(inbound, tx, actor, request_id, &mut call, idle)
+            .call_events(
+                inbound,
+                tx,
+                actor,
+                request_id,
+                &mut call,
+                idle,
+                worker.as_ref().map(|w| &w.0),
+            )
             .await;
+        if let Some((w, task)) = worker {
+            // Reviews still waiting are decided, and escalate if they must,
+            // before the stream is closed.
+            w.close();
+            let _ = task.await;
+        }
+        let (escalations, directives) = {
+            let sh = call.shared.lock().await;
+            (sh.escalations, sh.directives)
+        };
         let end = match &result {
             Ok(end) => *end,
             Err(_) => End::Rejected,
@@ -287,14 +532,14 @@ impl Core {
             detail: serde_json::json!({
                 "end": end.as_str(),
                 "utterances": call.utterances,
-                "escalations": call.escalations,
-                "directives": call.directives,
+                "escalations": escalations,
+                "directives": directives,
             }),
         };
         if let Err(e) = self.store.audit(close).await {
             tracing::error!(%call_id, error = %e, "audit write failed");
         }
-        tracing::info!(%call_id, end = end.as_str(), utterances = call.utterances, escalations = call.escalations, "stream closed");
+        tracing::info!(%call_id, end = end.as_str(), utterances = call.utterances, escalations, "stream closed");
         match (result, end) {
             (Err(s), _) => Err(s),
             (Ok(_), End::Idle) => Err(idle_status(idle)),
@@ -302,6 +547,9 @@ impl Core {
         }
     }
 
+    // The stream's parts are borrowed separately so the worker and the
+    // loop can share what they must; bundling them would only hide that.
+    #[allow(clippy::too_many_arguments)]
     async fn call_events(
         &self,
         inbound: &mut Streaming<pb::TranscriptEvent>,
@@ -310,8 +558,10 @@ impl Core {
         request_id: &str,
         call: &mut Call,
         idle: Duration,
+        tier2: Option<&Tier2Worker>,
     ) -> Result<End, Status> {
         let limits = &self.config.limits;
+        let shared = call.shared.clone();
         let mut bucket = Bucket::new(limits.utterances_per_second, limits.utterance_burst);
         loop {
             let ev = match next_event(inbound, idle).await {
@@ -354,65 +604,55 @@ impl Core {
                         self.matcher
                             .feed(&mut call.stream, u.speaker, &u.text, u.is_final);
                     count_detections(&detections);
+                    if u.is_final {
+                        let turn = Turn {
+                            speaker: u.speaker,
+                            text: u.text.clone(),
+                        };
+                        call.remember(turn, self.config.tier2.max_turns);
+                    }
                     let Some(trigger) = escalation::decide(&self.matcher, &detections) else {
                         continue;
                     };
                     if u.speaker != Speaker::Patient {
                         continue;
                     }
-                    let origin = Origin::Call(call.start.call.to_string());
-                    let (id, write, action) = match escalation::step(call.open, &trigger) {
-                        Step::Attach(o) => {
-                            tracing::debug!(call_id = %call.start.call, escalation_id = %o.id, "trigger attached to open escalation");
-                            continue;
+                    if trigger.tier == Tier::Context
+                        && let Some(t2) = &tier2
+                    {
+                        // Tier 2 decides, off the stream's path: the
+                        // utterances behind this one keep flowing.
+                        let mut turns: Vec<Turn> = call.turns.iter().cloned().collect();
+                        if !u.is_final {
+                            turns.push(Turn {
+                                speaker: u.speaker,
+                                text: u.text.clone(),
+                            });
                         }
-                        Step::New => {
-                            let e = self.new_escalation(
-                                &trigger,
-                                &call.start.practice,
-                                &call.start.patient,
-                                origin.clone(),
-                                u.id.as_str(),
-                            );
-                            let id = e.id;
-                            (
-                                id,
-                                EscalationWrite::Create(Box::new(e)),
-                                "escalation.create",
-                            )
-                        }
-                        Step::Raise(o) => (
-                            o.id,
-                            EscalationWrite::Raise {
-                                id: o.id,
-                                severity: trigger.severity,
-                            },
-                            "escalation.raise",
-                        ),
-                    };
-                    let audit =
-                        Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
-                    self.record(write, audit, id).await;
-                    call.open = Some(Open {
-                        id,
-                        severity: trigger.severity,
-                    });
-                    call.escalations += u64::from(action == "escalation.create");
-                    let d = self.directive(
-                        id,
-                        &trigger,
-                        call.start.practice.as_str(),
-                        call.start.language.as_str(),
-                        u.id.as_str(),
-                    );
-                    tracing::info!(call_id = %call.start.call, escalation_id = %id, tier = trigger.tier.as_str(), severity = trigger.severity.as_str(), rule = %trigger.rule_id, "escalation");
-                    metrics::counter!("crisisd_escalations_total", "tier" => trigger.tier.as_str(), "severity" => trigger.severity.as_str()).increment(1);
-                    if tx.send(Ok(convert::directive(&d))).await.is_err() {
-                        return Ok(End::ClientClosed);
+                        t2.submit(Review {
+                            turns,
+                            trigger,
+                            utterance_id: u.id.to_string(),
+                            received,
+                        });
+                        continue;
                     }
-                    call.directives += 1;
-                    metrics::histogram!("crisisd_directive_latency_seconds")
-                        .record(received.elapsed().as_secs_f64());
+                    match self
+                        .escalate_call(
+                            &call.start,
+                            &shared,
+                            trigger,
+                            u.id.as_str(),
+                            actor,
+                            request_id,
+                            tx,
+                            received,
+                        )
+                        .await
+                    {
+                        Sent::Yes | Sent::Nothing => {}
+                        Sent::ClientGone => return Ok(End::ClientClosed),
+                    }
                 }
             }
         }
@@ -459,6 +699,7 @@ impl CrisisDetection for Service {
             let _permit = permit;
             metrics::gauge!("crisisd_streams_open").increment(1.0);
             if let Err(status) = core
+                .clone()
                 .run_call(&mut inbound, &tx, &who.name, &request_id)
                 .await
             {
@@ -507,7 +748,26 @@ impl CrisisDetection for Service {
             .matcher
             .feed(&mut stream, Speaker::Patient, &m.text, true);
         count_detections(&detections);
-        let trigger = escalation::decide(&core.matcher, &detections);
+        let mut trigger = escalation::decide(&core.matcher, &detections);
+        let mut turns = th.turns.clone();
+        if turns.len() >= core.config.tier2.max_turns.max(1) {
+            turns.pop_front();
+        }
+        turns.push_back(Turn {
+            speaker: Speaker::Patient,
+            text: m.text.clone(),
+        });
+        // A review waits for Tier 2 (bounded by its deadline); the thread's
+        // lock keeps it to one request per thread.
+        if let Some(t) = &trigger
+            && t.tier == Tier::Context
+            && core.classifier.is_some()
+        {
+            let window: Vec<Turn> = turns.iter().cloned().collect();
+            trigger = core
+                .tier2(&format!("thread:{}", m.thread), &window, t)
+                .await;
+        }
         let origin = Origin::Thread(m.thread.to_string());
         let mut audit = vec![AuditEvent {
             actor: who.name.clone(),
@@ -602,6 +862,7 @@ impl CrisisDetection for Service {
         th.stream = stream;
         th.open = open;
         th.last_ms = now;
+        th.turns = turns;
         if let (Some(d), Some(t)) = (&v.directive, &trigger) {
             let id = &d.escalation_id;
             tracing::info!(thread_id = %m.thread, message_id = %m.id, escalation_id = %id, tier = t.tier.as_str(), severity = t.severity.as_str(), rule = %t.rule_id, "escalation");

@@ -53,7 +53,11 @@ pub fn secured(mut c: Config) -> Config {
 }
 
 impl TestServer {
-    pub async fn start(mut config: Config) -> TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        Self::start_with(config, Default::default()).await
+    }
+
+    pub async fn start_with(mut config: Config, seams: crisisd::server::Seams) -> TestServer {
         let data_dir = temp_dir("server");
         config.data_dir = data_dir.display().to_string();
         config.validate().expect("test config is valid");
@@ -69,7 +73,7 @@ impl TestServer {
                 async {
                     let _ = stopped.await;
                 },
-                None,
+                seams,
             )
             .await
             .expect("server runs");
