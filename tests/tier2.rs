@@ -581,3 +581,48 @@ async fn no_model_answer_can_cancel_a_tier1_escalation() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_opens_the_circuit_and_reviews_still_escalate() {
+    let fake = Fake::start(vec![], Reply::Error(500, "InternalServerException")).await;
+    let server = server_with_model(fake.port, 1000).await;
+    let mut client = server.client().await;
+    let mut reasons = Vec::new();
+    for n in 0..12 {
+        let v = client
+            .submit_message(authed(
+                pb::InboundMessage {
+                    message_id: format!("cb{n}"),
+                    patient_id: "patient-3".into(),
+                    practice_id: "p1".into(),
+                    thread_id: format!("cbt{n}"),
+                    text: REVIEW.into(),
+                    language: "en".into(),
+                },
+                None,
+            ))
+            .await
+            .expect("verdict")
+            .into_inner();
+        assert_eq!(
+            v.outcome,
+            pb::Outcome::Escalated as i32,
+            "review {n} escalates"
+        );
+        reasons.push(v.directive.map(|d| d.reason_code).unwrap_or_default());
+    }
+    assert!(
+        reasons[..10].iter().all(|r| r == "failsafe.http_5xx"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[10..].iter().all(|r| r == "failsafe.circuit_open"),
+        "{reasons:?}"
+    );
+    let asked = fake.requests().len();
+    assert!(
+        asked >= 10 && asked <= 20,
+        "the open circuit stops the requests: {asked}"
+    );
+    server.stop().await;
+}

@@ -50,6 +50,7 @@ pub struct Core {
     pub classifier: Option<Arc<dyn Classifier>>,
     /// Model requests in flight across the service.
     pub tier2_slots: Arc<Semaphore>,
+    pub circuit: std::sync::Mutex<crate::tier2::Circuit>,
 }
 
 /// A review waiting for Tier 2.
@@ -99,6 +100,7 @@ impl Core {
             streams: Arc::new(Semaphore::new(config.limits.max_streams)),
             threads: Threads::new(config.limits.max_threads, config.limits.thread_window_secs),
             tier2_slots: Arc::new(Semaphore::new(config.tier2.max_in_flight)),
+            circuit: Default::default(),
             classifier,
             matcher,
             store,
@@ -117,11 +119,31 @@ impl Core {
     ) -> Option<Trigger> {
         let classifier = self.classifier.as_ref()?;
         let started = Instant::now();
-        let result = match self.tier2_slots.clone().try_acquire_owned() {
-            Ok(_slot) => classifier.classify(review_turns).await,
-            Err(_) => Err(crate::tier2::ClassifyError::QueueFull),
+        let allowed = self
+            .circuit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(std::time::Instant::now());
+        let result = if !allowed {
+            Err(crate::tier2::ClassifyError::CircuitOpen)
+        } else {
+            match self.tier2_slots.clone().try_acquire_owned() {
+                Ok(_slot) => classifier.classify(review_turns).await,
+                Err(_) => Err(crate::tier2::ClassifyError::QueueFull),
+            }
         };
         let failed = result.is_err();
+        if allowed {
+            let now = std::time::Instant::now();
+            let mut c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+            c.record(failed, now);
+            metrics::gauge!("crisisd_tier2_error_rate").set(c.error_rate());
+            metrics::gauge!("crisisd_tier2_circuit_open").set(if c.is_open(now) {
+                1.0
+            } else {
+                0.0
+            });
+        }
         let decision = crate::tier2::judge(result, trigger.severity);
         let latency_ms = started.elapsed().as_millis() as u64;
         let outcome = match &decision {

@@ -102,6 +102,8 @@ pub enum ClassifyError {
     QueueFull,
     #[error("the model service's response could not be read")]
     BadResponse,
+    #[error("the model is failing; not asked until the circuit closes")]
+    CircuitOpen,
 }
 
 impl ClassifyError {
@@ -117,6 +119,7 @@ impl ClassifyError {
             ClassifyError::Malformed(_) => "failsafe.malformed",
             ClassifyError::QueueFull => "failsafe.queue_full",
             ClassifyError::BadResponse => "failsafe.bad_response",
+            ClassifyError::CircuitOpen => "failsafe.circuit_open",
         }
     }
 }
@@ -207,10 +210,84 @@ pub fn parse_answer(v: &serde_json::Value) -> Result<Answer, ClassifyError> {
     })
 }
 
+/// Outcomes remembered for the error rate.
+const CIRCUIT_WINDOW: usize = 20;
+/// Fewest outcomes before the circuit may open.
+const CIRCUIT_MIN: usize = 10;
+/// How long an open circuit waits before letting one request try.
+pub const CIRCUIT_COOL_OFF: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A circuit breaker over the model's recent outcomes. When half or more
+/// of the last calls failed, the model is not asked for a while: every
+/// review escalates at once (it would have, after the deadline) instead of
+/// piling requests onto a failing service. Then one request tries again.
+#[derive(Debug, Default)]
+pub struct Circuit {
+    recent: std::collections::VecDeque<bool>,
+    open_until: Option<std::time::Instant>,
+}
+
+impl Circuit {
+    /// Whether to ask the model now.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        match self.open_until {
+            Some(t) if now < t => false,
+            Some(_) => {
+                // Half-open: this one tries; failing, it opens again.
+                self.open_until = Some(now + CIRCUIT_COOL_OFF);
+                true
+            }
+            None => true,
+        }
+    }
+
+    pub fn record(&mut self, failed: bool, now: std::time::Instant) {
+        if self.recent.len() == CIRCUIT_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(failed);
+        if !failed {
+            self.open_until = None;
+        } else if self.recent.len() >= CIRCUIT_MIN && self.error_rate() >= 0.5 {
+            self.open_until = Some(now + CIRCUIT_COOL_OFF);
+        }
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        if self.recent.is_empty() {
+            return 0.0;
+        }
+        self.recent.iter().filter(|f| **f).count() as f64 / self.recent.len() as f64
+    }
+
+    pub fn is_open(&self, now: std::time::Instant) -> bool {
+        self.open_until.is_some_and(|t| now < t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn circuit_opens_on_failures_and_tries_again_after_cooling_off() {
+        let t0 = std::time::Instant::now();
+        let mut c = Circuit::default();
+        for _ in 0..9 {
+            assert!(c.allow(t0));
+            c.record(true, t0);
+        }
+        assert!(!c.is_open(t0), "too few outcomes to judge");
+        c.record(true, t0);
+        assert!(c.is_open(t0) && !c.allow(t0));
+        let later = t0 + CIRCUIT_COOL_OFF;
+        assert!(c.allow(later), "half-open: one request tries");
+        assert!(!c.allow(later), "and only one");
+        c.record(false, later);
+        assert!(!c.is_open(later) && c.allow(later), "a success closes it");
+        assert!(c.error_rate() > 0.8);
+    }
 
     #[test]
     fn answer_parsing_table() {
@@ -300,6 +377,7 @@ mod tests {
             ClassifyError::Malformed("risk is missing"),
             ClassifyError::QueueFull,
             ClassifyError::BadResponse,
+            ClassifyError::CircuitOpen,
         ] {
             let code = e.reason_code();
             assert_eq!(
