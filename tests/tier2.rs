@@ -621,7 +621,7 @@ async fn a_failing_model_opens_the_circuit_and_reviews_still_escalate() {
     );
     let asked = fake.requests().len();
     assert!(
-        asked >= 10 && asked <= 20,
+        (10..=20).contains(&asked),
         "the open circuit stops the requests: {asked}"
     );
     server.stop().await;
