@@ -386,3 +386,51 @@ pub fn token_new(role: &str, name: &str, practice: &str) -> Result<ExitCode> {
     println!("sha256 = \"{}\"", token_hash(&token));
     Ok(ExitCode::SUCCESS)
 }
+
+/// `replay --tier2 bedrock`: Tier 1, then the configured model for each
+/// review, judged as the service judges it. One line per conversation, as
+/// `replay` prints, with `"tier": 2` where the model (or the fail-safe)
+/// decided.
+pub fn replay_tier2(
+    matcher: &crisisd::tier1::Matcher,
+    convs: &[Conversation],
+    config: Option<PathBuf>,
+) -> Result<()> {
+    use crisisd::corpus::Outcome;
+    use crisisd::tier2::{Classifier, Decision, Turn, judge};
+    let config = load_config(config)?;
+    if config.tier2.model_id.is_empty() {
+        bail!("config key tier2.model_id: --tier2 bedrock needs a model");
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let classifier = crisisd::tier2::bedrock::BedrockClassifier::new(&config.tier2, None).await;
+        let stdout = io::stdout();
+        for c in convs {
+            let v = crisisd::replay::replay(matcher, c);
+            let mut line = serde_json::to_value(crisisd::replay::ReplayLine::new(&c.id, &v))?;
+            if v.outcome == Outcome::Review {
+                let upto = v.event.unwrap_or(0);
+                let window: Vec<Turn> = c.events[..=upto.min(c.events.len().saturating_sub(1))]
+                    .iter()
+                    .filter(|e| e.is_final || e.speaker == Speaker::Patient)
+                    .map(|e| Turn {
+                        speaker: e.speaker,
+                        text: e.text.clone(),
+                    })
+                    .collect();
+                let result = classifier.classify(&window).await;
+                let (outcome, reason) = match judge(result, crisisd::domain::Severity::Low) {
+                    Decision::Dismiss { reason_code } => ("none", reason_code.to_string()),
+                    Decision::Escalate { reason_code, .. } => ("escalate", reason_code),
+                };
+                line["outcome"] = serde_json::json!(outcome);
+                line["tier"] = serde_json::json!(2);
+                line["reason"] = serde_json::json!(reason);
+            }
+            let mut out = stdout.lock();
+            writeln!(out, "{line}")?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}

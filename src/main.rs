@@ -37,8 +37,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run Tier 1 over a corpus (JSON lines; `-` for stdin) and print one
-    /// verdict per conversation. Offline: `review` means Tier 2 would be asked.
-    Replay { file: PathBuf },
+    /// verdict per conversation. Offline by default: `review` means Tier 2
+    /// would be asked. With `--tier2 bedrock`, reviews go to the model the
+    /// config names ([tier2]), for evaluation; a failure escalates.
+    Replay {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "none")]
+        tier2: Tier2Mode,
+        /// Config file for `--tier2 bedrock` (else $CRISISD_CONFIG, defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Score Tier 1 against a labeled corpus; exit 1 if a figure misses its
     /// threshold.
     Eval {
@@ -115,6 +124,14 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Tier2Mode {
+    /// Offline: reviews stay reviews.
+    None,
+    /// Ask the configured Bedrock model.
+    Bedrock,
+}
+
 #[derive(Subcommand)]
 enum AuditAction {
     /// Check the hash chain; exit 1 naming every altered, removed or
@@ -162,7 +179,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::CheckRules { dir } => check_rules(dir.or(cli.rules).as_deref()),
-        Command::Replay { file } => {
+        Command::Replay {
+            file,
+            tier2: Tier2Mode::Bedrock,
+            config,
+        } => {
+            let matcher = matcher(cli.rules.as_deref())?;
+            let (convs, errors) = read_corpus(&file)?;
+            commands::replay_tier2(&matcher, &convs, config)?;
+            Ok(skipped(&errors))
+        }
+        Command::Replay { file, .. } => {
             let matcher = matcher(cli.rules.as_deref())?;
             let (convs, errors) = read_corpus(&file)?;
             let stdout = io::stdout();

@@ -626,3 +626,80 @@ async fn a_failing_model_opens_the_circuit_and_reviews_still_escalate() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_asks_the_configured_model_about_reviews() {
+    let no = json!({"risk": "low", "escalate": false, "reason_code": "figurative_language"});
+    let fake = Fake::start(
+        vec![Reply::Tool(no)],
+        Reply::Error(500, "InternalServerException"),
+    )
+    .await;
+    let dir = common::temp_dir("replay-tier2");
+    let corpus = dir.join("c.jsonl");
+    let line = |id: &str, text: &str| {
+        json!({"id": id, "channel": "sms", "events": [{"speaker": "patient", "text": text, "final": true}]}).to_string()
+    };
+    std::fs::write(
+        &corpus,
+        [
+            line("review-dismissed", REVIEW),
+            line("explicit", "I want to kill myself"),
+            line("review-failing", "everyone would be better off without me"),
+            line("benign", "can I move my appointment to Friday"),
+        ]
+        .join("\n"),
+    )
+    .expect("corpus");
+    let port = fake.port;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_crisisd"))
+            .args(["replay", "--tier2", "bedrock"])
+            .arg(&corpus)
+            .env_remove("CRISISD_CONFIG")
+            .env("CRISISD_TIER2_MODEL_ID", MODEL)
+            .env(
+                "CRISISD_TIER2_ENDPOINT_URL",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .env("CRISISD_TIER2_DEADLINE_MS", "1500")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("run crisisd")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let got: Vec<(String, String, serde_json::Value)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap_or_default().to_string(),
+                v["outcome"].as_str().unwrap_or_default().to_string(),
+                v["tier"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("review-dismissed".into(), "none".into(), json!(2)),
+            ("explicit".into(), "escalate".into(), json!(1)),
+            ("review-failing".into(), "escalate".into(), json!(2)),
+            ("benign".into(), "none".into(), serde_json::Value::Null),
+        ]
+    );
+    assert_eq!(lines[2]["reason"], json!("failsafe.http_5xx"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
