@@ -703,3 +703,111 @@ async fn replay_asks_the_configured_model_about_reviews() {
     assert_eq!(lines[2]["reason"], json!("failsafe.http_5xx"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_during_a_request_join_the_next_one_and_the_global_limit_fails_safe() {
+    // One request in flight per call: three reviews while the model takes
+    // a second make two requests, the second with the newest context.
+    let no = json!({"risk": "low", "escalate": false, "reason_code": "figurative_language"});
+    let slow_no = Reply::Slow(
+        Duration::from_millis(1000),
+        Box::new(Reply::Tool(no.clone())),
+    );
+    let fake = Fake::start(vec![], slow_no.clone()).await;
+    let server = server_with_model(fake.port, 3000).await;
+    let mut client = server.client().await;
+    let call = LiveCall::open(&mut client, None).await.expect("open");
+    call.send(started("coalesce", "patient-1", "p1", "en"))
+        .await;
+    call.send(patient("u1", REVIEW)).await;
+    // Once u1 is with the model, u2 and u3 wait, and only the newest is
+    // asked next.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fake.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "u1 never reached the model"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.send(patient("u2", "everyone would be better off without me"))
+        .await;
+    call.send(patient("u3", "I just want to disappear forever"))
+        .await;
+    call.send(ended()).await;
+    let (ds, status) = call.finish().await;
+    assert!(status.is_none());
+    assert!(ds.is_empty(), "all dismissed: {ds:?}");
+    let reqs = fake.requests();
+    assert_eq!(
+        reqs.len(),
+        2,
+        "{:?}",
+        reqs.iter().map(|r| r.1.len()).collect::<Vec<_>>()
+    );
+    assert!(
+        reqs[1].1.contains("disappear forever"),
+        "the second request carries the newest turn"
+    );
+    server.stop().await;
+
+    // A service-wide limit of one: a second conversation's review, while
+    // the first is with the model, escalates at once (fail safe).
+    let fake = Fake::start(vec![], slow_no).await;
+    let c: Arc<dyn Classifier> = Arc::new(classifier(fake.port, 3000).await);
+    let config = Config {
+        tier2: Tier2 {
+            model_id: MODEL.into(),
+            deadline_ms: 3000,
+            max_in_flight: 1,
+            ..Tier2::default()
+        },
+        ..Config::default()
+    };
+    let server = TestServer::start_with(
+        config,
+        crisisd::server::Seams {
+            classifier: Some(c),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = server.client().await;
+    let text = |id: &str| pb::InboundMessage {
+        message_id: id.into(),
+        patient_id: "patient-4".into(),
+        practice_id: "p1".into(),
+        thread_id: format!("thread-{id}"),
+        text: REVIEW.into(),
+        language: "en".into(),
+    };
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let first = tokio::spawn(async move { a.submit_message(authed(text("q1"), None)).await });
+    // Once q1 is with the model, the one slot is taken.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while fake.requests().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "q1 never reached the model"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = b
+        .submit_message(authed(text("q2"), None))
+        .await
+        .expect("verdict")
+        .into_inner();
+    assert_eq!(
+        second.directive.clone().map(|d| d.reason_code),
+        Some("failsafe.queue_full".to_string()),
+        "{second:?} / requests so far {}",
+        fake.requests().len()
+    );
+    let first = first.await.expect("join").expect("verdict").into_inner();
+    assert_eq!(
+        first.outcome,
+        pb::Outcome::None as i32,
+        "the first was dismissed by the model"
+    );
+    server.stop().await;
+}
