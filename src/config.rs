@@ -195,6 +195,9 @@ pub struct Paging {
     /// sent to the backup as well.
     pub backup_after_failures: u32,
     pub backup_after_secs: u64,
+    /// A patient's escalation open (or acknowledged) and younger than this
+    /// takes new triggers from any call or thread: one page per patient.
+    pub dedup_window_secs: u64,
 }
 
 impl Default for Paging {
@@ -208,6 +211,7 @@ impl Default for Paging {
             max_rounds: 3,
             backup_after_failures: 3,
             backup_after_secs: 120,
+            dedup_window_secs: 3600,
         }
     }
 }

@@ -261,7 +261,7 @@ fn escalate_in(addr: &str, call: &str, practice: &str) -> String {
             &mut c,
             None,
             vec![
-                started(call, "patient-7", practice, "en"),
+                started(call, &format!("patient-{call}"), practice, "en"),
                 patient("u1", SENTENCE),
                 ended(),
             ],
@@ -311,7 +311,7 @@ fn an_explicit_utterance_pages_the_on_call_clinician_once_without_the_transcript
     assert_eq!(to, ON_CALL);
     assert!(text.len() <= 160, "{text}");
     assert!(text.contains(short(&id)) && text.contains("HIGH"), "{text}");
-    for secret in ["Zebulon", "Quixote", "kill", "patient-7"] {
+    for secret in ["Zebulon", "Quixote", "kill", "patient-call-page-1"] {
         assert!(!text.contains(secret), "the SMS holds {secret:?}: {text}");
     }
     let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -442,7 +442,12 @@ fn page_requests_leave_within_50_ms_of_the_escalation() {
                         &mut c,
                         None,
                         vec![
-                            started(&format!("lat-{caller}-{i}"), "patient-7", "p1", "en"),
+                            started(
+                                &format!("lat-{caller}-{i}"),
+                                &format!("patient-{caller}-{i}"),
+                                "p1",
+                                "en",
+                            ),
                             patient("u1", "I want to kill myself"),
                             ended(),
                         ],
@@ -555,6 +560,47 @@ fn without_credentials_or_instance_metadata_the_service_still_starts_and_detects
         "detection waited {:?}",
         t.elapsed()
     );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn one_page_per_patient_while_the_escalation_is_open() {
+    let moto = Moto::start(free_port());
+    let dir = temp_dir("paging");
+    let server = serve(&dir, moto.port);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The same patient on two calls: each call gets its referral, the
+    // clinician one page.
+    let ids: Vec<String> = rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut c = CrisisDetectionClient::new(ch);
+        let mut ids = Vec::new();
+        for call in ["dedup-1", "dedup-2"] {
+            let (ds, status) = play(
+                &mut c,
+                None,
+                vec![
+                    started(call, "patient-same", "p1", "en"),
+                    patient("u1", SENTENCE),
+                    ended(),
+                ],
+            )
+            .await;
+            assert!(status.is_none());
+            assert_eq!(ds.len(), 1, "{call} gets its referral");
+            ids.push(ds[0].escalation_id.clone());
+        }
+        ids
+    });
+    assert_eq!(ids[0], ids[1], "one escalation");
+    let sms = moto.wait_for(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(moto.sms().len(), 1, "{sms:?}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -463,6 +463,8 @@ async fn responders_read_their_own_practice_and_admins_all() {
     for (i, practice) in ["p1", "p1", "p1", "p2"].iter().enumerate() {
         let mut m = msg(&format!("m{i}"), &format!("t{i}"), "I want to end my life");
         m.practice_id = practice.to_string();
+        // Distinct patients: one patient's escalations would merge.
+        m.patient_id = format!("patient-{i}");
         let v = c
             .submit_message(authed(m, Some("tok-messaging")))
             .await

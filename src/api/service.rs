@@ -200,10 +200,36 @@ impl Core {
     ) -> Sent {
         let mut sh = shared.lock().await;
         let origin = Origin::Call(start.call.to_string());
-        let (id, write, action) = match escalation::step(sh.open, &trigger) {
-            Step::Attach(o) => {
+        // Another call or thread of this patient may have one open.
+        let (current, elsewhere) = match sh.open {
+            Some(o) => (Some(o), false),
+            None => {
+                let o = self.patient_open(&start.practice, &start.patient).await;
+                (o, o.is_some())
+            }
+        };
+        let (id, write, action) = match escalation::step(current, &trigger) {
+            Step::Attach(o) if !elsewhere => {
                 tracing::debug!(call_id = %start.call, escalation_id = %o.id, "trigger attached to open escalation");
                 return Sent::Nothing;
+            }
+            Step::Attach(o) => {
+                // The clinician already has this patient's page; this call
+                // still gets its referral.
+                tracing::info!(call_id = %start.call, escalation_id = %o.id, "trigger attached to the patient's open escalation from another conversation");
+                sh.open = Some(o);
+                let d = self.directive(
+                    o.id,
+                    &trigger,
+                    start.practice.as_str(),
+                    start.language.as_str(),
+                    utterance_id,
+                );
+                if tx.send(Ok(convert::directive(&d))).await.is_err() {
+                    return Sent::ClientGone;
+                }
+                sh.directives += 1;
+                return Sent::Yes;
             }
             Step::New => {
                 let e = self.new_escalation(
@@ -252,6 +278,29 @@ impl Core {
         metrics::histogram!("crisisd_directive_latency_seconds")
             .record(received.elapsed().as_secs_f64());
         Sent::Yes
+    }
+
+    /// The patient's open escalation within the dedup window, if any. A
+    /// store that cannot answer means a new escalation: a second page is
+    /// better than none.
+    async fn patient_open(
+        &self,
+        practice: &crate::ids::PracticeId,
+        patient: &crate::ids::PatientId,
+    ) -> Option<Open> {
+        let window = i64::try_from(self.config.paging.dedup_window_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX);
+        match self
+            .store
+            .open_for_patient(practice, patient, now_ms().saturating_sub(window))
+            .await
+        {
+            Ok(o) => o.map(|(id, severity)| Open { id, severity }),
+            Err(e) => {
+                tracing::error!(error = %e, "looking up the patient's open escalation failed");
+                None
+            }
+        }
     }
 
     /// Starts a call's Tier 2 worker, if a classifier is configured.
@@ -808,8 +857,28 @@ impl CrisisDetection for Service {
         // referral already sent stands.
         let (write, escalation_id, directive) = match &trigger {
             None => (None, None, None),
-            Some(t) => match escalation::step(th.open, t) {
-                Step::Attach(o) => (None, Some(o.id), None),
+            Some(t) => match escalation::step(
+                match th.open {
+                    Some(o) => Some(o),
+                    None => core.patient_open(&m.practice, &m.patient).await,
+                },
+                t,
+            ) {
+                // Attached to this thread's escalation: its referral stands.
+                Step::Attach(o) if th.open.is_some() => (None, Some(o.id), None),
+                // Attached to one from another conversation: no new page,
+                // but this thread gets its referral.
+                Step::Attach(o) => {
+                    open = Some(o);
+                    let d = core.directive(
+                        o.id,
+                        t,
+                        m.practice.as_str(),
+                        m.language.as_str(),
+                        m.id.as_str(),
+                    );
+                    (None, Some(o.id), Some(d))
+                }
                 step => {
                     let (id, write, action) = match step {
                         Step::Raise(o) => (

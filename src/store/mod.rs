@@ -198,6 +198,16 @@ pub trait Store: Send + Sync {
     /// Queues a page to the backup alongside `page`, once.
     async fn page_backup(&self, page: &Page, audit: AuditEvent) -> Result<(), StoreError>;
 
+    /// The patient's most recent escalation still open or acknowledged and
+    /// created since `since_ms`, with its severity: new triggers from any
+    /// conversation attach to it instead of paging again.
+    async fn open_for_patient(
+        &self,
+        practice: &PracticeId,
+        patient: &PatientId,
+        since_ms: i64,
+    ) -> Result<Option<(EscalationId, Severity)>, StoreError>;
+
     /// Undelivered pages and the creation time of the oldest.
     async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError>;
 

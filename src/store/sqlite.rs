@@ -1179,6 +1179,36 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn open_for_patient(
+        &self,
+        practice: &PracticeId,
+        patient: &PatientId,
+        since_ms: i64,
+    ) -> Result<Option<(EscalationId, Severity)>, StoreError> {
+        const OP: &str = "finding the patient's open escalation";
+        let Some(r) = sqlx::query(
+            "SELECT id, severity FROM escalations
+             WHERE practice_id = ? AND patient_id = ? AND state IN ('open', 'acknowledged')
+               AND created_at_ms >= ?
+             ORDER BY created_at_ms DESC LIMIT 1",
+        )
+        .bind(practice.as_str())
+        .bind(patient.expose())
+        .bind(since_ms)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db(OP))?
+        else {
+            return Ok(None);
+        };
+        let id: String = r.try_get("id").map_err(db(OP))?;
+        let sev: i64 = r.try_get("severity").map_err(db(OP))?;
+        Ok(Some((
+            EscalationId::parse(&id).map_err(|_| corrupt(OP, "bad escalation id"))?,
+            Severity::from_code(sev).ok_or_else(|| corrupt(OP, "bad severity"))?,
+        )))
+    }
+
     async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
         const OP: &str = "reading the outbox depth";
         let r = sqlx::query(

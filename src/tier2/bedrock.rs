@@ -156,8 +156,14 @@ impl BedrockClassifier {
                     .operation_timeout(deadline)
                     .build(),
             )
-            // Retries only while the operation deadline allows.
-            .retry_config(RetryConfig::standard().with_max_attempts(2));
+            // Retries only while the operation deadline allows: one, after
+            // a short backoff (the SDK's default of up to a second would
+            // spend most of a 4 s deadline waiting).
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(2)
+                    .with_initial_backoff(Duration::from_millis(100)),
+            );
         if !config.endpoint_url.is_empty() {
             loader = loader.endpoint_url(&config.endpoint_url);
         }

@@ -122,13 +122,15 @@ def run_checks(server, pb, pb_grpc):
         f"after u2, escalation {call_escalation}"
     )
 
-    # (b) An inbound text, then the same text again.
+    # (b) An inbound text from another patient, then the same text again.
+    # (From the same patient it would attach to the call's escalation: one
+    # page per patient while it is open.)
     msg = pb.InboundMessage(
         message_id="py-m1",
         thread_id="py-t1",
         text="i want to end my life",
         practice_id=PRACTICE,
-        patient_id=PATIENT,
+        patient_id=PATIENT + "-2",
     )
     try:
         first = stub.SubmitMessage(msg, timeout=RPC_TIMEOUT_S)
