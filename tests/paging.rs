@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::{Serve, free_port, http};
 use common::*;
 use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
 
@@ -55,22 +54,6 @@ fn make_moto_venv() -> PathBuf {
     );
     std::fs::write(&marker, MOTO).expect("marker");
     server
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn http(port: u16, method: &str, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 struct Moto {
@@ -172,39 +155,15 @@ phone = "+15555550103"
 "#;
 const P2_BACKUP: &str = "+15555550103";
 
-struct Server {
-    child: Child,
-    addr: String,
-    out: Arc<Mutex<String>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn drain(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-}
-
 /// `crisisd serve` paging through SNS at `sns_port`, with its data in `dir`.
-fn serve(dir: &Path, sns_port: u16) -> Server {
+fn serve(dir: &Path, sns_port: u16) -> Serve {
     serve_with(dir, sns_port, &[])
 }
 
-fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Server {
+fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Serve {
     std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crisisd"))
-        .current_dir(dir)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crisisd"));
+    cmd.current_dir(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env_remove("CRISISD_CONFIG")
         .env("CRISISD_DATA_DIR", dir.join("data"))
@@ -217,27 +176,8 @@ fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Server {
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn crisisd serve");
-    let out = Arc::new(Mutex::new(String::new()));
-    drain(child.stdout.take().expect("stdout"), out.clone());
-    drain(child.stderr.take().expect("stderr"), out.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        let text = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(a) = text.lines().find_map(|l| {
-            l.split_once(" listening on ")
-                .map(|(_, a)| a.trim().to_string())
-        }) {
-            break a;
-        }
-        assert!(Instant::now() < deadline, "server did not start:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Server { child, addr, out }
+        .envs(env.iter().copied());
+    Serve::spawn(cmd)
 }
 
 const SENTENCE: &str = "My name is Zebulon Quixote and I want to kill myself";
@@ -314,7 +254,7 @@ fn an_explicit_utterance_pages_the_on_call_clinician_once_without_the_transcript
     for secret in ["Zebulon", "Quixote", "kill", "patient-call-page-1"] {
         assert!(!text.contains(secret), "the SMS holds {secret:?}: {text}");
     }
-    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let out = server.output();
     assert!(!out.contains(ON_CALL) && !out.contains("Ortiz"), "{out}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -504,7 +444,7 @@ fn nobody_on_call_pages_the_backup_and_a_failing_page_reaches_the_backup_too() {
     let sms = moto.wait_for(1, Duration::from_secs(10));
     assert_eq!(sms.len(), 1, "{sms:?}");
     assert_eq!(sms[0].0, P2_BACKUP);
-    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let out = server.output();
     assert!(out.contains("nobody on call"), "{out}");
     assert!(!out.contains(P2_BACKUP) && !out.contains("Kim"), "{out}");
     drop(server);
@@ -518,41 +458,18 @@ fn without_credentials_or_instance_metadata_the_service_still_starts_and_detects
     let started_at = Instant::now();
     // No AWS variables at all, and instance metadata left enabled: the
     // credential chain would try 169.254.169.254, which answers nothing here.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crisisd"))
-        .current_dir(&dir)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crisisd"));
+    cmd.current_dir(&dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", &dir)
         .env("CRISISD_DATA_DIR", dir.join("data"))
         .env("CRISISD_PAGING_NOTIFIER", "sns")
-        .env("CRISISD_PAGING_ROSTER", dir.join("roster.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let out = Arc::new(Mutex::new(String::new()));
-    drain(child.stdout.take().expect("stdout"), out.clone());
-    drain(child.stderr.take().expect("stderr"), out.clone());
-    let server = Server {
-        child,
-        addr: String::new(),
-        out,
-    };
-    let addr = loop {
-        let text = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(a) = text.lines().find_map(|l| {
-            l.split_once(" listening on ")
-                .map(|(_, a)| a.trim().to_string())
-        }) {
-            break a;
-        }
-        assert!(
-            started_at.elapsed() < Duration::from_secs(10),
-            "no start:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        .env("CRISISD_PAGING_ROSTER", dir.join("roster.toml"));
+    let server = Serve::spawn(cmd);
+    assert!(started_at.elapsed() < Duration::from_secs(10), "slow start");
+    let addr = server.addr.clone();
     let t = Instant::now();
     escalate(&addr, "call-no-aws");
     assert!(

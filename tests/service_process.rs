@@ -4,42 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::{Serve, free_port, http};
 use common::*;
 use crisisd::api::pb;
 use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
 use sqlx::Connection;
-
-/// Kills the server if the test fails before stopping it.
-struct Server {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    addr: String,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn drain(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            let mut s = into.lock().unwrap_or_else(|e| e.into_inner());
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-}
 
 fn crisisd(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_crisisd"));
@@ -49,63 +22,32 @@ fn crisisd(dir: &Path) -> Command {
     c
 }
 
-/// A port free right now, for the metrics listener.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// GET http://127.0.0.1:port/metrics.
 fn scrape(port: u16) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut body = String::new();
-    s.read_to_string(&mut body).expect("response");
-    body
+    http(port, "GET", "/metrics").expect("metrics listener")
+}
+
+/// The server and the folder it runs in.
+struct Server {
+    serve: Serve,
+    dir: PathBuf,
 }
 
 fn start(metrics_port: u16) -> Server {
     let dir = temp_dir("process");
     let metrics = format!("127.0.0.1:{metrics_port}");
-    let mut child = crisisd(&dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            &metrics,
-        ])
-        .env("CRISISD_LOG_LEVEL", "debug")
-        .env("CRISISD_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn crisisd serve");
-    let out = Arc::new(Mutex::new(String::new()));
-    let err = Arc::new(Mutex::new(String::new()));
-    drain(child.stdout.take().expect("stdout"), out.clone());
-    drain(child.stderr.take().expect("stderr"), err.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        let text = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(addr) = text.lines().find_map(|l| {
-            l.split_once(" listening on ")
-                .map(|(_, a)| a.trim().to_string())
-        }) {
-            break addr;
-        }
-        assert!(Instant::now() < deadline, "server did not start: {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut cmd = crisisd(&dir);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &metrics,
+    ])
+    .env("CRISISD_LOG_LEVEL", "debug")
+    .env("CRISISD_LOG_FORMAT", "json");
     Server {
-        child,
-        out,
-        err,
-        addr,
+        serve: Serve::spawn(cmd),
         dir,
     }
 }
@@ -113,13 +55,13 @@ fn start(metrics_port: u16) -> Server {
 /// Sends SIGTERM and waits for a clean exit.
 fn terminate(s: &mut Server) {
     let status = Command::new("kill")
-        .args(["-TERM", &s.child.id().to_string()])
+        .args(["-TERM", &s.serve.child.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(st) = s.child.try_wait().expect("wait") {
+        if let Some(st) = s.serve.child.try_wait().expect("wait") {
             assert!(st.success(), "crisisd exited with {st}");
             return;
         }
@@ -264,7 +206,7 @@ fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
     let metrics_port = free_port();
     let mut server = start(metrics_port);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(send_canary_everywhere(&server.addr));
+    rt.block_on(send_canary_everywhere(&server.serve.addr));
     // The README's "try it": `crisisd stream FILE` against the server.
     let call = server.dir.join("call.txt");
     std::fs::write(
@@ -278,7 +220,7 @@ fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
             "stream",
             "call.txt",
             "--server",
-            &format!("http://{}", server.addr),
+            &format!("http://{}", server.serve.addr),
         ],
     );
     assert!(ok, "{text}");
@@ -304,9 +246,7 @@ fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
         assert!(!metrics.contains(canary), "metrics hold {canary:?}");
     }
     terminate(&mut server);
-    let out = server.out.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let err = server.err.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let all = format!("{out}\n{err}");
+    let all = server.serve.output();
     // The capture is real: ids and events are there...
     for expected in [
         "canary-call",
