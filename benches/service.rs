@@ -61,7 +61,8 @@ async fn caller(addr: std::net::SocketAddr, n: usize) -> Vec<Duration> {
         tx.send(ev(pb::transcript_event::Event::CallStarted(
             pb::CallStarted {
                 call_id: format!("bench-{n}-{round}"),
-                patient_id: format!("patient-{n}"),
+                // A patient per call: each call is a new escalation, committed.
+                patient_id: format!("patient-{n}-{round}"),
                 practice_id: "bench".into(),
                 language: "en".into(),
             },

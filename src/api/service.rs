@@ -229,6 +229,8 @@ impl Core {
                     return Sent::ClientGone;
                 }
                 sh.directives += 1;
+                metrics::histogram!("crisisd_directive_latency_seconds")
+                    .record(received.elapsed().as_secs_f64());
                 return Sent::Yes;
             }
             Step::New => {

@@ -32,10 +32,16 @@ use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation, Handling, Origin, now_ms};
 use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Each step takes the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3];
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4];
+
+/// Version 4: a patient's open escalation is looked up before every new
+/// one (one page per patient); without this it scanned the practice.
+const SCHEMA_4: &str = r#"
+CREATE INDEX escalations_by_patient ON escalations (practice_id, patient_id, created_at_ms DESC);
+"#;
 
 /// Version 3: acknowledgement, resolution, re-paging rounds, backup pages.
 const SCHEMA_3: &str = r#"
