@@ -12,6 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // For the reflection service.
         .file_descriptor_set_path(out.join("crisis_descriptor.bin"))
-        .compile_with_config(config, &[proto], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[PathBuf::from(proto)],
+            // google/protobuf/timestamp.proto ships with the vendored protoc.
+            &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
+        )?;
     Ok(())
 }

@@ -52,7 +52,9 @@ pub struct Token {
     pub role: Role,
     /// Hex SHA-256 of the token (`crisisd token new` prints both).
     pub sha256: String,
-    /// For a responder: the practice it may read. Empty: none.
+    /// For a responder: the practice it may read (empty: none). For a
+    /// messaging or scheduling token: the only practice it may act for
+    /// (empty: any).
     #[serde(default)]
     pub practice: String,
 }
@@ -242,6 +244,14 @@ impl Default for Sns {
 }
 
 /// The contextual classifier (Tier 2).
+/// Behavioral signals from the schedule (Tier 3).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tier3 {
+    /// A behavior rule file; empty: the shipped `rules/behavior.toml`.
+    pub rules: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tier2 {
@@ -290,6 +300,7 @@ pub struct Config {
     pub paging: Paging,
     pub sns: Sns,
     pub tier2: Tier2,
+    pub tier3: Tier3,
     pub tokens: Vec<Token>,
     pub practices: Vec<Practice>,
 }
@@ -307,6 +318,7 @@ impl Default for Config {
             paging: Paging::default(),
             sns: Sns::default(),
             tier2: Tier2::default(),
+            tier3: Tier3::default(),
             tokens: Vec::new(),
             practices: Vec::new(),
         }

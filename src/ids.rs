@@ -76,6 +76,16 @@ id_type!(
     ClinicianId,
     "clinician_id"
 );
+id_type!(
+    /// One appointment in the practice's schedule.
+    AppointmentId,
+    "appointment_id"
+);
+id_type!(
+    /// One event from the scheduling system; unique within its practice.
+    AppointmentEventId,
+    "event_id"
+);
 
 /// A patient: PHI. Prints as `<patient>`.
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -48,3 +48,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tier1;
 pub mod tier2;
+pub mod tier3;

@@ -43,11 +43,30 @@ pub enum ServeError {
     Listener(std::io::Error),
     #[error("config key paging.roster: {0}")]
     Roster(RosterError),
+    #[error("config key tier3.rules: the behavior rules do not load:\n{0}")]
+    BehaviorRules(String),
     #[error("the patient reference key at {path}: {source}")]
     RefKey {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// Tier 3's rules: the configured file, else the shipped one. A rule that
+/// cannot be evaluated stops the start, named.
+fn behavior_rules(config: &Config) -> Result<crate::tier3::BehaviorRules, ServeError> {
+    let loaded = match config.tier3.rules.as_str() {
+        "" => crate::tier3::BehaviorRules::builtin(),
+        path => crate::tier3::BehaviorRules::load(std::path::Path::new(path)),
+    };
+    loaded.map_err(|es| {
+        ServeError::BehaviorRules(
+            es.iter()
+                .map(|e| format!("  {e}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })
 }
 
 /// The key for opaque patient references: from the config, else kept in
@@ -181,6 +200,7 @@ pub async fn serve(
     install_crypto_provider();
     let addr = listener.local_addr().map_err(ServeError::Listener)?;
     let matcher = Arc::new(Matcher::builtin().map_err(ServeError::Rules)?);
+    let behavior = Arc::new(behavior_rules(&config)?);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path()).await?);
     let tls = tls(&config).await?;
     println!("{}", describe(&config, addr, &matcher));
@@ -257,11 +277,20 @@ pub async fn serve(
             crate::tier2::bedrock::BedrockClassifier::new(&config.tier2, None).await,
         )),
     };
+    // Subscriptions never end on their own; they are told when shutdown
+    // begins, so that it can finish.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
     let service = Service::new(Core::new(
         matcher,
         store.clone(),
         config.clone(),
         classifier,
+        behavior,
+        closing,
     ));
     let crisis = InterceptedService::new(
         CrisisDetectionServer::new(service)

@@ -36,6 +36,19 @@ impl Principal {
         }
     }
 
+    /// Whether this caller may act for `practice`: a messaging or
+    /// scheduling token bound to a practice acts for that one only.
+    pub fn may_act_for(&self, practice: &crate::ids::PracticeId) -> Result<(), Status> {
+        let bound = matches!(self.role, Some(Role::Messaging | Role::Scheduling))
+            && !self.practice.is_empty();
+        if bound && self.practice != practice.as_str() {
+            return Err(Status::permission_denied(
+                "this token may not act for that practice_id",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn is_admin(&self) -> bool {
         matches!(self.role, None | Some(Role::Admin))
     }

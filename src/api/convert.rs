@@ -7,7 +7,10 @@ use super::pb;
 use crate::conversation::{CallStart, Language, LanguageError};
 use crate::domain::{Disposition, EscalationState, Severity, Speaker, Tier};
 use crate::escalation::{Directive, Escalation};
-use crate::ids::{CallId, IdError, MessageId, PatientId, PracticeId, ThreadId, UtteranceId};
+use crate::ids::{
+    AppointmentEventId, AppointmentId, CallId, IdError, MessageId, PatientId, PracticeId, ThreadId,
+    UtteranceId,
+};
 
 fn bad_id(e: IdError) -> Status {
     Status::invalid_argument(e.to_string())
@@ -143,7 +146,89 @@ pub fn directive(d: &Directive) -> pb::Directive {
         utterance_id: d.utterance_id.clone(),
         severity: severity(d.severity) as i32,
         reason_code: d.reason_code.clone(),
+        directive_id: String::new(),
+        patient_id: String::new(),
+        practice_id: String::new(),
     }
+}
+
+/// A directive for a practice's gateway: it names whom to text.
+pub fn queued_directive(q: &crate::store::QueuedDirective) -> pb::Directive {
+    pb::Directive {
+        directive_id: q.directive_id.clone(),
+        patient_id: q.patient.expose().to_string(),
+        practice_id: q.practice.as_str().to_string(),
+        ..directive(&q.directive)
+    }
+}
+
+/// How far ahead of the server's clock an event may say it happened.
+pub const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+
+fn timestamp_ms(field: &'static str, t: Option<prost_types::Timestamp>) -> Result<i64, Status> {
+    let t = t.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))?;
+    // 0001-01-01 to 9999-12-31, as google.protobuf.Timestamp defines.
+    if !(-62_135_596_800..=253_402_300_799).contains(&t.seconds)
+        || !(0..1_000_000_000).contains(&t.nanos)
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} is not a valid timestamp"
+        )));
+    }
+    Ok(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+/// A validated appointment event, with whose it is.
+#[derive(Debug)]
+pub struct AppointmentIn {
+    pub practice: PracticeId,
+    pub patient: PatientId,
+    pub event: crate::tier3::Event,
+}
+
+pub fn appointment_event(e: pb::AppointmentEvent, now_ms: i64) -> Result<AppointmentIn, Status> {
+    use crate::tier3::{Initiator, Kind};
+    let kind = match pb::AppointmentEventKind::try_from(e.kind) {
+        Ok(pb::AppointmentEventKind::Booked) => Kind::Booked,
+        Ok(pb::AppointmentEventKind::Cancelled) => Kind::Cancelled,
+        Ok(pb::AppointmentEventKind::Rescheduled) => Kind::Rescheduled,
+        Ok(pb::AppointmentEventKind::NoShow) => Kind::NoShow,
+        Ok(pb::AppointmentEventKind::Attended) => Kind::Attended,
+        Ok(pb::AppointmentEventKind::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(
+                "kind must be one of booked, cancelled, rescheduled, no_show, attended",
+            ));
+        }
+    };
+    let initiator = match pb::Initiator::try_from(e.initiator) {
+        Ok(pb::Initiator::Patient) => Some(Initiator::Patient),
+        Ok(pb::Initiator::Practice) => Some(Initiator::Practice),
+        Ok(pb::Initiator::Unspecified) => None,
+        Err(_) => return Err(Status::invalid_argument("initiator is not a known value")),
+    };
+    if initiator.is_none() && matches!(kind, Kind::Cancelled | Kind::Rescheduled) {
+        return Err(Status::invalid_argument(
+            "initiator is required for cancellations and reschedules",
+        ));
+    }
+    let occurred_at_ms = timestamp_ms("occurred_at", e.occurred_at)?;
+    if occurred_at_ms > now_ms.saturating_add(FUTURE_SKEW_MS) {
+        return Err(Status::invalid_argument(
+            "occurred_at is more than 5 minutes in the future",
+        ));
+    }
+    Ok(AppointmentIn {
+        practice: PracticeId::parse(&e.practice_id).map_err(bad_id)?,
+        patient: PatientId::parse(&e.patient_id).map_err(bad_id)?,
+        event: crate::tier3::Event {
+            id: AppointmentEventId::parse(&e.event_id).map_err(bad_id)?,
+            appointment: AppointmentId::parse(&e.appointment_id).map_err(bad_id)?,
+            kind,
+            initiator,
+            occurred_at_ms,
+            scheduled_for_ms: timestamp_ms("scheduled_for", e.scheduled_for)?,
+        },
+    })
 }
 
 pub fn escalation(e: &Escalation) -> pb::Escalation {

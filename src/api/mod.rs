@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod schedule;
 pub mod service;
 
 /// The generated `crisis.v1` types and service.

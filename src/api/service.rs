@@ -51,6 +51,13 @@ pub struct Core {
     /// Model requests in flight across the service.
     pub tier2_slots: Arc<Semaphore>,
     pub circuit: std::sync::Mutex<crate::tier2::Circuit>,
+    /// Tier 3's pattern rules.
+    pub behavior: Arc<crate::tier3::BehaviorRules>,
+    /// One appointment event of a patient judged at a time.
+    pub patient_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Turns true when the server starts to shut down: streams that would
+    /// otherwise never end (subscriptions) end then.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A review waiting for Tier 2.
@@ -95,8 +102,15 @@ impl Core {
         store: Arc<dyn Store>,
         config: Arc<Config>,
         classifier: Option<Arc<dyn Classifier>>,
+        behavior: Arc<crate::tier3::BehaviorRules>,
+        closing: tokio::sync::watch::Receiver<bool>,
     ) -> Core {
         Core {
+            behavior,
+            closing,
+            patient_locks: (0..super::schedule::PATIENT_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             streams: Arc::new(Semaphore::new(config.limits.max_streams)),
             threads: Threads::new(config.limits.max_threads, config.limits.thread_window_secs),
             tier2_slots: Arc::new(Semaphore::new(config.tier2.max_in_flight)),
@@ -285,7 +299,27 @@ impl Core {
     /// The patient's open escalation within the dedup window, if any. A
     /// store that cannot answer means a new escalation: a second page is
     /// better than none.
-    async fn patient_open(
+    /// Tells the store about a call for Tier 3, off the stream's path: a
+    /// lost record costs a behavior signal, never a directive.
+    fn remember_call(&self, start: &crate::conversation::CallStart, review: bool) {
+        let store = self.store.clone();
+        let contact = crate::store::CallContact {
+            practice: start.practice.clone(),
+            patient: start.patient.clone(),
+            call: start.call.clone(),
+            started_at_ms: now_ms(),
+            language: start.language.as_str().to_string(),
+            review,
+        };
+        let call_id = start.call.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = store.record_call(contact).await {
+                tracing::error!(%call_id, error = %e, "recording the call for Tier 3 failed");
+            }
+        });
+    }
+
+    pub(super) async fn patient_open(
         &self,
         practice: &crate::ids::PracticeId,
         patient: &crate::ids::PatientId,
@@ -444,7 +478,7 @@ impl End {
 type DirectiveTx = mpsc::Sender<Result<pb::Directive, Status>>;
 
 impl Core {
-    fn directive(
+    pub(super) fn directive(
         &self,
         id: EscalationId,
         trigger: &Trigger,
@@ -485,7 +519,7 @@ impl Core {
         false
     }
 
-    fn new_escalation(
+    pub(super) fn new_escalation(
         &self,
         trigger: &Trigger,
         practice: &crate::ids::PracticeId,
@@ -509,7 +543,7 @@ impl Core {
         }
     }
 
-    fn escalation_audit(
+    pub(super) fn escalation_audit(
         actor: &str,
         request_id: &str,
         action: &str,
@@ -570,6 +604,7 @@ impl Core {
             })?;
         tracing::info!(%call_id, %request_id, "stream opened");
         metrics::counter!("crisisd_streams_total").increment(1);
+        self.remember_call(&start, false);
         let mut call = Call::new(start);
         let worker = self.tier2_worker(&call.start, &call.shared, actor, request_id, tx);
         let result = self
@@ -636,6 +671,7 @@ impl Core {
         let limits = &self.config.limits;
         let shared = call.shared.clone();
         let mut bucket = Bucket::new(limits.utterances_per_second, limits.utterance_burst);
+        let mut reviewed = false;
         loop {
             let ev = match next_event(inbound, idle).await {
                 Err(_) => return Ok(End::Idle),
@@ -689,6 +725,11 @@ impl Core {
                     };
                     if u.speaker != Speaker::Patient {
                         continue;
+                    }
+                    if !reviewed && detections.iter().any(|d| d.action == Action::Review) {
+                        // Tier 3 reads whether the patient's last call had one.
+                        reviewed = true;
+                        self.remember_call(&call.start, true);
                     }
                     if trigger.tier == Tier::Context
                         && let Some(t2) = &tier2
@@ -752,6 +793,63 @@ type DirectiveStream = Pin<Box<dyn Stream<Item = Result<pb::Directive, Status>> 
 #[tonic::async_trait]
 impl CrisisDetection for Service {
     type StreamTranscriptStream = DirectiveStream;
+    type SubscribeDirectivesStream = DirectiveStream;
+
+    async fn record_appointment_event(
+        &self,
+        req: Request<pb::AppointmentEvent>,
+    ) -> Result<Response<pb::AppointmentEventAck>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Scheduling])?;
+        let request_id = request_id(&req);
+        let input = convert::appointment_event(req.into_inner(), now_ms()).inspect_err(|s| {
+            metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", s.code()))
+                .increment(1);
+        })?;
+        let event_id = input.event.id.to_string();
+        let answer = self
+            .core
+            .appointment_event(&who, &request_id, input)
+            .await?;
+        Ok(Response::new(super::schedule::ack(&event_id, &answer)))
+    }
+
+    async fn subscribe_directives(
+        &self,
+        req: Request<pb::SubscribeDirectivesRequest>,
+    ) -> Result<Response<Self::SubscribeDirectivesStream>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Messaging])?;
+        let practice = crate::ids::PracticeId::parse(&req.get_ref().practice_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        who.may_act_for(&practice)?;
+        let permit = self.core.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("too many concurrent streams (limits.max_streams)")
+        })?;
+        let (tx, rx) = mpsc::channel(DIRECTIVE_QUEUE);
+        let core = self.core.clone();
+        tracing::info!(subscriber = %who.name, "directive subscription opened");
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::gauge!("crisisd_subscriptions_open").increment(1.0);
+            core.follow_directives(practice, tx).await;
+            metrics::gauge!("crisisd_subscriptions_open").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn acknowledge_directive(
+        &self,
+        req: Request<pb::AcknowledgeDirectiveRequest>,
+    ) -> Result<Response<pb::AcknowledgeDirectiveResponse>, Status> {
+        let who = principal(&req)?;
+        who.require(&[Role::Messaging])?;
+        let request_id = request_id(&req);
+        self.core
+            .acknowledge_directive(&who, &request_id, &req.get_ref().directive_id)
+            .await?;
+        Ok(Response::new(pb::AcknowledgeDirectiveResponse {}))
+    }
 
     async fn stream_transcript(
         &self,
@@ -797,6 +895,7 @@ impl CrisisDetection for Service {
                 metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", s.code()))
                     .increment(1);
             })?;
+        who.may_act_for(&m.practice)?;
         metrics::counter!("crisisd_messages_total").increment(1);
         let unavailable = |e: crate::store::StoreError| {
             tracing::error!(message_id = %m.id, error = %e, "store failed");

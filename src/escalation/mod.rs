@@ -81,12 +81,14 @@ pub fn decide(matcher: &Matcher, detections: &[Detection]) -> Option<Trigger> {
 pub enum Origin {
     Call(String),
     Thread(String),
+    /// Tier 3: the appointment whose event completed the pattern.
+    Appointment(String),
 }
 
 impl Origin {
     pub fn id(&self) -> &str {
         match self {
-            Origin::Call(s) | Origin::Thread(s) => s,
+            Origin::Call(s) | Origin::Thread(s) | Origin::Appointment(s) => s,
         }
     }
 
@@ -94,6 +96,7 @@ impl Origin {
         match self {
             Origin::Call(_) => "voice",
             Origin::Thread(_) => "sms",
+            Origin::Appointment(_) => "schedule",
         }
     }
 }

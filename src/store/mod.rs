@@ -15,7 +15,8 @@ use thiserror::Error;
 use crate::audit::{AuditEvent, AuditRow};
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation};
-use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
+use crate::ids::{AppointmentEventId, CallId, EscalationId, MessageId, PatientId, PracticeId};
+use crate::tier3;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -124,6 +125,74 @@ pub struct Delivery {
     pub provider_message_id: String,
 }
 
+/// The answer given to an appointment event, kept so that a repeated
+/// event id gets the same one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppointmentAnswer {
+    /// The escalation it opened, raised or attached to.
+    pub escalation_id: Option<String>,
+    /// Behavior rules that fired on it.
+    pub rule_ids: Vec<String>,
+}
+
+/// A behavior rule that fired, kept for its cooldown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FiringRecord {
+    pub rule_id: String,
+    pub anchor_event: String,
+    pub anchor_at_ms: i64,
+}
+
+/// A directive with no live channel, waiting for the practice's gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedDirective {
+    /// Assigned by the store; 0 before it is queued.
+    pub seq: i64,
+    pub directive_id: String,
+    pub practice: PracticeId,
+    /// PHI: whom the gateway texts.
+    pub patient: PatientId,
+    pub directive: Directive,
+}
+
+/// One appointment event with everything it caused, written in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct AppointmentRecord {
+    pub practice: PracticeId,
+    pub patient: PatientId,
+    pub event: tier3::Event,
+    pub answer: AppointmentAnswer,
+    pub firings: Vec<FiringRecord>,
+    pub write: Option<EscalationWrite>,
+    pub directive: Option<QueuedDirective>,
+    pub audit: Vec<AuditEvent>,
+    /// The patient's events that happened before this are dropped...
+    pub prune_events_before_ms: i64,
+    /// ...and beyond this many, the oldest...
+    pub max_events: u32,
+    /// ...and firings anchored before this.
+    pub prune_firings_before_ms: i64,
+}
+
+/// A call, as Tier 3 remembers it for the patient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallContact {
+    pub practice: PracticeId,
+    pub patient: PatientId,
+    pub call: CallId,
+    pub started_at_ms: i64,
+    pub language: String,
+    /// A Tier 1 review happened in it; once set, it stays set.
+    pub review: bool,
+}
+
+/// Calls kept per patient: Tier 3 reads only the last one before an event.
+pub const CALLS_PER_PATIENT: i64 = 8;
+
+/// Answers kept for repeated appointment event ids.
+pub const APPOINTMENT_DEDUP_MS: i64 = 400 * 86_400_000;
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Records an escalation (new, or a rise in severity) with its page in
@@ -214,6 +283,59 @@ pub trait Store: Send + Sync {
     /// Notified after a commit that put a page in the outbox, so the pager
     /// sends it at once instead of on its next poll.
     fn pages_signal(&self) -> std::sync::Arc<tokio::sync::Notify>;
+
+    /// The answer recorded for an appointment event id, if any.
+    async fn appointment_answer(
+        &self,
+        practice: &PracticeId,
+        event: &AppointmentEventId,
+    ) -> Result<Option<AppointmentAnswer>, StoreError>;
+
+    /// What Tier 3 reads about one patient: events that happened since
+    /// `events_since_ms`, escalations created since `escalations_since_ms`,
+    /// the last calls, firings; and the language of the last call.
+    async fn behavior_history(
+        &self,
+        practice: &PracticeId,
+        patient: &PatientId,
+        events_since_ms: i64,
+        escalations_since_ms: i64,
+    ) -> Result<(tier3::History, Option<String>), StoreError>;
+
+    /// Records an appointment event, its answer, firings, any escalation
+    /// and queued directive, and audit rows, in one transaction, and prunes
+    /// the patient's history; unless the event id was recorded before, in
+    /// which case nothing is written.
+    async fn record_appointment(&self, record: AppointmentRecord) -> Result<Recorded, StoreError>;
+
+    /// Remembers a call of the patient (started, or a review in it).
+    async fn record_call(&self, call: CallContact) -> Result<(), StoreError>;
+
+    /// Directives of the practice not yet acknowledged, oldest first.
+    async fn pending_directives(
+        &self,
+        practice: &PracticeId,
+        limit: u32,
+    ) -> Result<Vec<QueuedDirective>, StoreError>;
+
+    /// A queued directive, acknowledged or not.
+    async fn queued_directive(
+        &self,
+        directive_id: &str,
+    ) -> Result<Option<QueuedDirective>, StoreError>;
+
+    /// Marks a directive received by a gateway; appends `audit` when that
+    /// changed something. False when there is no such directive.
+    async fn acknowledge_directive(
+        &self,
+        directive_id: &str,
+        by: &str,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Changes after a commit that queued a directive, so subscriptions
+    /// send it at once instead of on their next poll.
+    fn directives_signal(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Flushes and closes.
     async fn close(&self);

@@ -24,18 +24,121 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget, Recorded,
-    RepagePolicy, Store, StoreError,
+    APPOINTMENT_DEDUP_MS, AppointmentAnswer, AppointmentRecord, CALLS_PER_PATIENT, CallContact,
+    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget, QueuedDirective,
+    Recorded, RepagePolicy, Store, StoreError,
 };
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation, Handling, Origin, now_ms};
-use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
+use crate::ids::{
+    AppointmentEventId, AppointmentId, EscalationId, MessageId, PatientId, PracticeId,
+};
+use crate::tier3;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Each step takes the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4];
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5];
+
+/// Version 5: Tier 3. Escalations may arise from an appointment (channel
+/// `schedule`), which the channel's CHECK refused: SQLite cannot alter a
+/// CHECK, so the table is rebuilt (with foreign keys off, checked after).
+/// Then the patient's appointment events, the answers to event ids, the
+/// firings kept for cooldowns, the calls Tier 3 reads, and the directives
+/// waiting for a practice's gateway.
+const SCHEMA_5: &str = r#"
+CREATE TABLE escalations_v5 (
+    id                 TEXT PRIMARY KEY,
+    practice_id        TEXT NOT NULL,
+    patient_id         TEXT NOT NULL,
+    conversation_id    TEXT NOT NULL,
+    channel            TEXT NOT NULL CHECK (channel IN ('voice', 'sms', 'schedule')),
+    tier               INTEGER NOT NULL,
+    rule_id            TEXT NOT NULL,
+    reason_code        TEXT NOT NULL,
+    severity           INTEGER NOT NULL,
+    state              TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+    utterance_id       TEXT NOT NULL,
+    created_at_ms      INTEGER NOT NULL,
+    updated_at_ms      INTEGER NOT NULL,
+    acknowledged_by    TEXT,
+    acknowledged_at_ms INTEGER,
+    resolved_by        TEXT,
+    resolved_at_ms     INTEGER,
+    disposition        TEXT,
+    page_rounds        INTEGER NOT NULL DEFAULT 1,
+    next_repage_at_ms  INTEGER
+);
+INSERT INTO escalations_v5 (id, practice_id, patient_id, conversation_id, channel, tier, rule_id,
+    reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms, acknowledged_by,
+    acknowledged_at_ms, resolved_by, resolved_at_ms, disposition, page_rounds, next_repage_at_ms)
+SELECT id, practice_id, patient_id, conversation_id, channel, tier, rule_id,
+    reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms, acknowledged_by,
+    acknowledged_at_ms, resolved_by, resolved_at_ms, disposition, page_rounds, next_repage_at_ms
+FROM escalations;
+DROP TABLE escalations;
+ALTER TABLE escalations_v5 RENAME TO escalations;
+CREATE INDEX escalations_by_practice ON escalations (practice_id, created_at_ms DESC, id DESC);
+CREATE INDEX escalations_by_time ON escalations (created_at_ms DESC, id DESC);
+CREATE INDEX escalations_open ON escalations (state) WHERE state = 'open';
+CREATE INDEX escalations_by_patient ON escalations (practice_id, patient_id, created_at_ms DESC);
+
+CREATE TABLE appointment_events (
+    practice_id      TEXT NOT NULL,
+    patient_id       TEXT NOT NULL,
+    event_id         TEXT NOT NULL,
+    appointment_id   TEXT NOT NULL,
+    kind             TEXT NOT NULL CHECK (kind IN ('booked', 'cancelled', 'rescheduled', 'no_show', 'attended')),
+    initiator        TEXT CHECK (initiator IN ('patient', 'practice')),
+    occurred_at_ms   INTEGER NOT NULL,
+    scheduled_for_ms INTEGER NOT NULL,
+    PRIMARY KEY (practice_id, event_id)
+);
+CREATE INDEX appointment_events_by_patient ON appointment_events (practice_id, patient_id, occurred_at_ms);
+
+CREATE TABLE appointment_answers (
+    practice_id    TEXT NOT NULL,
+    event_id       TEXT NOT NULL,
+    answer         TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (practice_id, event_id)
+);
+CREATE INDEX appointment_answers_by_age ON appointment_answers (received_at_ms);
+
+CREATE TABLE behavior_firings (
+    practice_id    TEXT NOT NULL,
+    patient_id     TEXT NOT NULL,
+    rule_id        TEXT NOT NULL,
+    anchor_event   TEXT NOT NULL,
+    anchor_at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (practice_id, patient_id, rule_id, anchor_event)
+);
+
+CREATE TABLE calls (
+    practice_id   TEXT NOT NULL,
+    call_id       TEXT NOT NULL,
+    patient_id    TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    language      TEXT NOT NULL,
+    review        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (practice_id, call_id)
+);
+CREATE INDEX calls_by_patient ON calls (practice_id, patient_id, started_at_ms DESC);
+
+CREATE TABLE directive_outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    directive_id    TEXT NOT NULL UNIQUE,
+    practice_id     TEXT NOT NULL,
+    patient_id      TEXT NOT NULL,
+    escalation_id   TEXT NOT NULL REFERENCES escalations (id),
+    directive       TEXT NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    acknowledged_at_ms INTEGER,
+    acknowledged_by TEXT
+);
+CREATE INDEX directive_outbox_pending ON directive_outbox (practice_id, seq) WHERE acknowledged_at_ms IS NULL;
+"#;
 
 /// Version 4: a patient's open escalation is looked up before every new
 /// one (one page per patient); without this it scanned the practice.
@@ -192,6 +295,20 @@ enum Job {
         audit: AuditEvent,
         reply: Reply<()>,
     },
+    Appointment {
+        record: Box<AppointmentRecord>,
+        reply: Reply<Recorded>,
+    },
+    Call {
+        call: CallContact,
+        reply: Reply<()>,
+    },
+    AckDirective {
+        id: String,
+        by: String,
+        audit: AuditEvent,
+        reply: Reply<u64>,
+    },
 }
 
 /// A job's outcome, sent once its group has committed.
@@ -234,6 +351,7 @@ impl Done {
 
 pub struct SqliteStore {
     pages: Arc<Notify>,
+    directives: Arc<tokio::sync::watch::Sender<u64>>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     checkpoints: Mutex<
@@ -336,9 +454,17 @@ impl SqliteStore {
         let checkpoints = tokio::spawn(checkpoint_loop(checkpointer, stopped));
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let pages = Arc::new(Notify::new());
-        let task = tokio::spawn(write_loop(writer, head, rx, pages.clone()));
+        let directives = Arc::new(tokio::sync::watch::Sender::new(0));
+        let task = tokio::spawn(write_loop(
+            writer,
+            head,
+            rx,
+            pages.clone(),
+            directives.clone(),
+        ));
         Ok(SqliteStore {
             pages,
+            directives,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(task)),
             checkpoints: Mutex::new(Some((stop, checkpoints))),
@@ -364,15 +490,18 @@ async fn write_loop(
     mut head: Head,
     mut rx: mpsc::Receiver<Job>,
     pages: Arc<Notify>,
+    directives: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let mut batch = Vec::with_capacity(GROUP);
     while rx.recv_many(&mut batch, GROUP).await > 0 {
-        let paged = batch.iter().any(|j| {
-            matches!(
-                j,
-                Job::Escalate { .. } | Job::Message { write: Some(_), .. }
-            )
+        let paged = batch.iter().any(|j| match j {
+            Job::Escalate { .. } | Job::Message { write: Some(_), .. } => true,
+            Job::Appointment { record, .. } => record.write.is_some(),
+            _ => false,
         });
+        let directed = batch
+            .iter()
+            .any(|j| matches!(j, Job::Appointment { record, .. } if record.directive.is_some()));
         let mut done = Vec::with_capacity(batch.len());
         let result = commit_group(&pool, &mut head, batch.drain(..), &mut done).await;
         match result {
@@ -383,6 +512,9 @@ async fn write_loop(
                 }
                 if paged {
                     pages.notify_one();
+                }
+                if directed {
+                    directives.send_modify(|n| *n = n.wrapping_add(1));
                 }
             }
             Err(e) => {
@@ -461,9 +593,14 @@ fn job_reply(job: Job) -> Done {
         | Job::Audit { reply, .. }
         | Job::PageDelivered { reply, .. }
         | Job::PageFailed { reply, .. }
-        | Job::PageBackup { reply, .. } => Done::Unit(reply, e),
-        Job::Message { reply, .. } => Done::Recorded(reply, Ok(Recorded::New)),
-        Job::Handle { reply, .. } | Job::Repage { reply, .. } => Done::Value(reply, Ok(0)),
+        | Job::PageBackup { reply, .. }
+        | Job::Call { reply, .. } => Done::Unit(reply, e),
+        Job::Message { reply, .. } | Job::Appointment { reply, .. } => {
+            Done::Recorded(reply, Ok(Recorded::New))
+        }
+        Job::Handle { reply, .. } | Job::Repage { reply, .. } | Job::AckDirective { reply, .. } => {
+            Done::Value(reply, Ok(0))
+        }
     }
 }
 
@@ -689,6 +826,46 @@ async fn run_job(
             .await;
             (JobReply::Value(reply), r)
         }
+        Job::Appointment { record, reply } => {
+            let r = record_appointment(tx, head, &record).await;
+            (JobReply::Recorded(reply), r.map(|rec| (rec, 0)))
+        }
+        Job::Call { call, reply } => {
+            let r = record_call(tx, &call).await.map(|()| Recorded::New);
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+        }
+        Job::AckDirective {
+            id,
+            by,
+            audit,
+            reply,
+        } => {
+            let r = async {
+                let changed = sqlx::query(
+                    "UPDATE directive_outbox SET acknowledged_at_ms = ?, acknowledged_by = ?
+                     WHERE directive_id = ? AND acknowledged_at_ms IS NULL",
+                )
+                .bind(now_ms())
+                .bind(&by)
+                .bind(&id)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("acknowledging a directive"))?
+                .rows_affected();
+                let exists: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM directive_outbox WHERE directive_id = ?")
+                        .bind(&id)
+                        .fetch_optional(&mut **tx)
+                        .await
+                        .map_err(db("acknowledging a directive"))?;
+                if changed > 0 {
+                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                }
+                Ok((Recorded::New, u64::from(exists.is_some())))
+            }
+            .await;
+            (JobReply::Value(reply), r)
+        }
         Job::PageBackup {
             page,
             escalation_id,
@@ -732,8 +909,9 @@ async fn run_job(
 }
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.map_err(db("migrate"))?;
     let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(db("reading the schema version"))?;
     if !(0..=SCHEMA_VERSION).contains(&version) {
@@ -742,12 +920,34 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
             format!("schema version {version} is newer than this build knows ({SCHEMA_VERSION})"),
         ));
     }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    // A step may rebuild a table others refer to; SQLite's way is foreign
+    // keys off (a no-op inside a transaction, so before it), then a check
+    // of every reference before the step commits.
+    sqlx::raw_sql("PRAGMA foreign_keys = OFF")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("migrate"))?;
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let mut tx = pool.begin().await.map_err(db("migrate"))?;
+        let mut tx = sqlx::Connection::begin(&mut *conn)
+            .await
+            .map_err(db("migrate"))?;
         sqlx::raw_sql(*step)
             .execute(&mut *tx)
             .await
             .map_err(db("migrate"))?;
+        let broken = sqlx::query("PRAGMA foreign_key_check")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("migrate"))?;
+        if !broken.is_empty() {
+            return Err(corrupt(
+                "migrate",
+                format!("step {} leaves {} broken references", i + 1, broken.len()),
+            ));
+        }
         // PRAGMA takes no bound parameters; the version is our own number.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "PRAGMA user_version = {}",
@@ -758,6 +958,10 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         .map_err(db("migrate"))?;
         tx.commit().await.map_err(db("migrate"))?;
     }
+    sqlx::raw_sql("PRAGMA foreign_keys = ON")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("migrate"))?;
     Ok(())
 }
 
@@ -797,6 +1001,186 @@ async fn append_audit(
         .await
         .map_err(db("moving the audit head"))?;
     Ok(Head { seq, hash })
+}
+
+async fn record_appointment(
+    tx: &mut Transaction<'_, Sqlite>,
+    head: &mut Head,
+    rec: &AppointmentRecord,
+) -> Result<Recorded, StoreError> {
+    const OP: &str = "recording an appointment event";
+    let now = now_ms();
+    let (practice, patient) = (rec.practice.as_str(), rec.patient.expose());
+    let answer = serde_json::to_string(&rec.answer).map_err(|e| corrupt(OP, e.to_string()))?;
+    let inserted = sqlx::query(
+        "INSERT INTO appointment_answers (practice_id, event_id, answer, received_at_ms)
+         VALUES (?, ?, ?, ?) ON CONFLICT (practice_id, event_id) DO NOTHING",
+    )
+    .bind(practice)
+    .bind(rec.event.id.as_str())
+    .bind(&answer)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db(OP))?
+    .rows_affected();
+    if inserted == 0 {
+        // Seen before: the first answer stands, nothing changes.
+        return Ok(Recorded::Duplicate);
+    }
+    let e = &rec.event;
+    sqlx::query(
+        "INSERT INTO appointment_events (practice_id, patient_id, event_id, appointment_id, kind,
+             initiator, occurred_at_ms, scheduled_for_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (practice_id, event_id) DO NOTHING",
+    )
+    .bind(practice)
+    .bind(patient)
+    .bind(e.id.as_str())
+    .bind(e.appointment.as_str())
+    .bind(e.kind.as_str())
+    .bind(e.initiator.map(tier3::Initiator::as_str))
+    .bind(e.occurred_at_ms)
+    .bind(e.scheduled_for_ms)
+    .execute(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    for f in &rec.firings {
+        sqlx::query(
+            "INSERT INTO behavior_firings (practice_id, patient_id, rule_id, anchor_event, anchor_at_ms)
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(practice)
+        .bind(patient)
+        .bind(&f.rule_id)
+        .bind(&f.anchor_event)
+        .bind(f.anchor_at_ms)
+        .execute(&mut **tx)
+        .await
+        .map_err(db(OP))?;
+    }
+    if let Some(write) = &rec.write {
+        write_escalation(tx, write).await?;
+    }
+    if let Some(d) = &rec.directive {
+        let body = serde_json::to_string(&d.directive).map_err(|e| corrupt(OP, e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO directive_outbox (directive_id, practice_id, patient_id, escalation_id,
+                 directive, created_at_ms)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&d.directive_id)
+        .bind(d.practice.as_str())
+        .bind(d.patient.expose())
+        .bind(&d.directive.escalation_id)
+        .bind(body)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("queueing a directive"))?;
+    }
+    // Bounded per patient: nothing older than the longest window is read,
+    // and never more events than that window could need.
+    sqlx::query(
+        "DELETE FROM appointment_events WHERE practice_id = ? AND patient_id = ?
+           AND (occurred_at_ms < ? OR event_id NOT IN (
+               SELECT event_id FROM appointment_events WHERE practice_id = ? AND patient_id = ?
+               ORDER BY occurred_at_ms DESC, event_id DESC LIMIT ?))",
+    )
+    .bind(practice)
+    .bind(patient)
+    .bind(rec.prune_events_before_ms)
+    .bind(practice)
+    .bind(patient)
+    .bind(i64::from(rec.max_events))
+    .execute(&mut **tx)
+    .await
+    .map_err(db("pruning appointment events"))?;
+    sqlx::query(
+        "DELETE FROM behavior_firings WHERE practice_id = ? AND patient_id = ? AND anchor_at_ms < ?",
+    )
+    .bind(practice)
+    .bind(patient)
+    .bind(rec.prune_firings_before_ms)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("pruning firings"))?;
+    sqlx::query("DELETE FROM appointment_answers WHERE received_at_ms < ?")
+        .bind(now - APPOINTMENT_DEDUP_MS)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("pruning appointment answers"))?;
+    *head = append_audit(tx, head, &rec.audit).await?;
+    Ok(Recorded::New)
+}
+
+async fn record_call(tx: &mut Transaction<'_, Sqlite>, c: &CallContact) -> Result<(), StoreError> {
+    const OP: &str = "recording a call";
+    let (practice, patient) = (c.practice.as_str(), c.patient.expose());
+    sqlx::query(
+        "INSERT INTO calls (practice_id, call_id, patient_id, started_at_ms, language, review)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (practice_id, call_id) DO UPDATE SET review = MAX(review, excluded.review)",
+    )
+    .bind(practice)
+    .bind(c.call.as_str())
+    .bind(patient)
+    .bind(c.started_at_ms)
+    .bind(&c.language)
+    .bind(i64::from(c.review))
+    .execute(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    sqlx::query(
+        "DELETE FROM calls WHERE practice_id = ? AND patient_id = ? AND call_id NOT IN (
+             SELECT call_id FROM calls WHERE practice_id = ? AND patient_id = ?
+             ORDER BY started_at_ms DESC LIMIT ?)",
+    )
+    .bind(practice)
+    .bind(patient)
+    .bind(practice)
+    .bind(patient)
+    .bind(CALLS_PER_PATIENT)
+    .execute(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    Ok(())
+}
+
+fn queued_from_row(r: &SqliteRow) -> Result<QueuedDirective, StoreError> {
+    const OP: &str = "reading a queued directive";
+    let get = |c: &str| -> Result<String, StoreError> { r.try_get(c).map_err(db(OP)) };
+    Ok(QueuedDirective {
+        seq: r.try_get("seq").map_err(db(OP))?,
+        directive_id: get("directive_id")?,
+        practice: PracticeId::parse(&get("practice_id")?)
+            .map_err(|_| corrupt(OP, "bad practice id"))?,
+        patient: PatientId::parse(&get("patient_id")?)
+            .map_err(|_| corrupt(OP, "bad patient id"))?,
+        directive: serde_json::from_str(&get("directive")?)
+            .map_err(|_| corrupt(OP, "bad directive"))?,
+    })
+}
+
+fn event_from_row(r: &SqliteRow) -> Result<tier3::Event, StoreError> {
+    const OP: &str = "reading an appointment event";
+    let get = |c: &str| -> Result<String, StoreError> { r.try_get(c).map_err(db(OP)) };
+    let initiator: Option<String> = r.try_get("initiator").map_err(db(OP))?;
+    Ok(tier3::Event {
+        id: AppointmentEventId::parse(&get("event_id")?)
+            .map_err(|_| corrupt(OP, "bad event id"))?,
+        appointment: AppointmentId::parse(&get("appointment_id")?)
+            .map_err(|_| corrupt(OP, "bad appointment id"))?,
+        kind: tier3::Kind::parse(&get("kind")?).ok_or_else(|| corrupt(OP, "bad kind"))?,
+        initiator: match initiator {
+            None => None,
+            Some(i) => {
+                Some(tier3::Initiator::parse(&i).ok_or_else(|| corrupt(OP, "bad initiator"))?)
+            }
+        },
+        occurred_at_ms: r.try_get("occurred_at_ms").map_err(db(OP))?,
+        scheduled_for_ms: r.try_get("scheduled_for_ms").map_err(db(OP))?,
+    })
 }
 
 async fn write_escalation(
@@ -880,6 +1264,7 @@ fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
     let origin = match get("channel")?.as_str() {
         "voice" => Origin::Call(conversation),
         "sms" => Origin::Thread(conversation),
+        "schedule" => Origin::Appointment(conversation),
         _ => return Err(corrupt(OP, "bad channel")),
     };
     let tier: i64 = r.try_get("tier").map_err(db(OP))?;
@@ -1213,6 +1598,183 @@ impl Store for SqliteStore {
             EscalationId::parse(&id).map_err(|_| corrupt(OP, "bad escalation id"))?,
             Severity::from_code(sev).ok_or_else(|| corrupt(OP, "bad severity"))?,
         )))
+    }
+
+    async fn appointment_answer(
+        &self,
+        practice: &PracticeId,
+        event: &AppointmentEventId,
+    ) -> Result<Option<AppointmentAnswer>, StoreError> {
+        const OP: &str = "reading an appointment answer";
+        let a: Option<String> = sqlx::query_scalar(
+            "SELECT answer FROM appointment_answers WHERE practice_id = ? AND event_id = ?",
+        )
+        .bind(practice.as_str())
+        .bind(event.as_str())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db(OP))?;
+        a.map(|a| serde_json::from_str(&a).map_err(|_| corrupt(OP, "bad answer")))
+            .transpose()
+    }
+
+    async fn behavior_history(
+        &self,
+        practice: &PracticeId,
+        patient: &PatientId,
+        events_since_ms: i64,
+        escalations_since_ms: i64,
+    ) -> Result<(tier3::History, Option<String>), StoreError> {
+        const OP: &str = "reading a patient's behavior history";
+        let (practice, patient) = (practice.as_str(), patient.expose());
+        let events = sqlx::query(
+            "SELECT event_id, appointment_id, kind, initiator, occurred_at_ms, scheduled_for_ms
+             FROM appointment_events WHERE practice_id = ? AND patient_id = ? AND occurred_at_ms >= ?",
+        )
+        .bind(practice)
+        .bind(patient)
+        .bind(events_since_ms)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let mut escalations = Vec::new();
+        for r in sqlx::query(
+            "SELECT created_at_ms, tier FROM escalations
+             WHERE practice_id = ? AND patient_id = ? AND created_at_ms >= ?",
+        )
+        .bind(practice)
+        .bind(patient)
+        .bind(escalations_since_ms)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?
+        {
+            let at: i64 = r.try_get("created_at_ms").map_err(db(OP))?;
+            let tier: i64 = r.try_get("tier").map_err(db(OP))?;
+            escalations.push((
+                at,
+                Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
+            ));
+        }
+        let mut calls = Vec::new();
+        let mut language = None;
+        for r in sqlx::query(
+            "SELECT started_at_ms, review, language FROM calls
+             WHERE practice_id = ? AND patient_id = ? ORDER BY started_at_ms DESC LIMIT ?",
+        )
+        .bind(practice)
+        .bind(patient)
+        .bind(CALLS_PER_PATIENT)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?
+        {
+            let review: i64 = r.try_get("review").map_err(db(OP))?;
+            calls.push(tier3::CallRecord {
+                started_at_ms: r.try_get("started_at_ms").map_err(db(OP))?,
+                review: review != 0,
+            });
+            if language.is_none() {
+                language = Some(r.try_get("language").map_err(db(OP))?);
+            }
+        }
+        let mut firings = Vec::new();
+        for r in sqlx::query(
+            "SELECT rule_id, anchor_at_ms FROM behavior_firings WHERE practice_id = ? AND patient_id = ?",
+        )
+        .bind(practice)
+        .bind(patient)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?
+        {
+            firings.push(tier3::PastFiring {
+                rule_id: r.try_get("rule_id").map_err(db(OP))?,
+                anchor_at_ms: r.try_get("anchor_at_ms").map_err(db(OP))?,
+            });
+        }
+        Ok((
+            tier3::History {
+                events,
+                escalations,
+                calls,
+                firings,
+            },
+            language,
+        ))
+    }
+
+    async fn record_appointment(&self, record: AppointmentRecord) -> Result<Recorded, StoreError> {
+        self.submit(|reply| Job::Appointment {
+            record: Box::new(record),
+            reply,
+        })
+        .await
+    }
+
+    async fn record_call(&self, call: CallContact) -> Result<(), StoreError> {
+        self.submit(|reply| Job::Call { call, reply }).await
+    }
+
+    async fn pending_directives(
+        &self,
+        practice: &PracticeId,
+        limit: u32,
+    ) -> Result<Vec<QueuedDirective>, StoreError> {
+        sqlx::query(
+            "SELECT seq, directive_id, practice_id, patient_id, directive FROM directive_outbox
+             WHERE practice_id = ? AND acknowledged_at_ms IS NULL ORDER BY seq LIMIT ?",
+        )
+        .bind(practice.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db("reading queued directives"))?
+        .iter()
+        .map(queued_from_row)
+        .collect()
+    }
+
+    async fn queued_directive(
+        &self,
+        directive_id: &str,
+    ) -> Result<Option<QueuedDirective>, StoreError> {
+        sqlx::query(
+            "SELECT seq, directive_id, practice_id, patient_id, directive FROM directive_outbox
+             WHERE directive_id = ?",
+        )
+        .bind(directive_id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db("reading a queued directive"))?
+        .as_ref()
+        .map(queued_from_row)
+        .transpose()
+    }
+
+    async fn acknowledge_directive(
+        &self,
+        directive_id: &str,
+        by: &str,
+        audit: AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let (id, by) = (directive_id.to_string(), by.to_string());
+        let found = self
+            .submit(|reply| Job::AckDirective {
+                id,
+                by,
+                audit,
+                reply,
+            })
+            .await?;
+        Ok(found > 0)
+    }
+
+    fn directives_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.directives.subscribe()
     }
 
     async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
