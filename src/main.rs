@@ -353,6 +353,34 @@ fn check_rules(dir: Option<&Path>) -> Result<ExitCode> {
         excl,
         matcher.pattern_count()
     );
+    let behavior = match dir.map(|d| d.join("behavior.toml")) {
+        None => Some(crisisd::tier3::BehaviorRules::builtin()),
+        Some(f) if f.exists() => Some(crisisd::tier3::BehaviorRules::load(&f)),
+        Some(_) => None,
+    };
+    match behavior {
+        None => println!("behavior: no behavior.toml in that folder"),
+        Some(Err(es)) => {
+            for e in &es {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} error(s)", es.len());
+            return Ok(ExitCode::FAILURE);
+        }
+        Some(Ok(b)) => {
+            println!("behavior: {}", b.file);
+            for r in b.rules() {
+                println!(
+                    "  {:<40} {:<9} cooldown {}",
+                    r.id,
+                    r.severity.as_str(),
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        r.cooldown_ms as u64
+                    ))
+                );
+            }
+        }
+    }
     println!("ok");
     Ok(ExitCode::SUCCESS)
 }

@@ -181,10 +181,40 @@ fn check_rules_passes_on_the_shipped_rules_and_counts_them() {
         stdout.contains("es   active_ideation  escalate"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("behavior.cancellation_streak             moderate  cooldown 30days"),
+        "{stdout}"
+    );
     assert!(stdout.trim_end().ends_with("ok"));
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
     let out = crisisd(&["check-rules", &shipped.display().to_string()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("rules/behavior.toml"));
+}
+
+#[test]
+fn check_rules_names_a_behavior_rule_it_cannot_evaluate() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let read = |f: &str| std::fs::read_to_string(shipped.join(f)).expect("shipped rules");
+    let (en, es) = (read("en.toml"), read("es.toml"));
+    let dir = temp_rules(&[
+        ("en.toml", &en),
+        ("es.toml", &es),
+        (
+            "behavior.toml",
+            "[[rule]]\nid = \"b.never\"\nseverity = \"low\"\ncooldown = \"1d\"\non = { kinds = [] }\nafter_review = {}\n",
+        ),
+    ]);
+    let out = crisisd(&["check-rules", &dir.display().to_string()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "behavior.toml: rule `b.never`: `on.kinds` is empty: the rule could never fire"
+        ),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn temp_rules(files: &[(&str, &str)]) -> PathBuf {

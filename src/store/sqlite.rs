@@ -1808,3 +1808,118 @@ impl Store for SqliteStore {
         self.reader.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database left at version 4 with an escalation, its page and an
+    /// audit row: version 5 rebuilds the escalations table under the
+    /// outbox's references, and nothing is lost.
+    #[tokio::test]
+    async fn version_4_data_survives_the_tier3_migration() {
+        let dir = std::env::temp_dir().join(format!("crisisd-migrate-{}", uuid::Uuid::now_v7()));
+        let path = dir.join("crisisd.db");
+        std::fs::create_dir_all(&dir).expect("dir");
+        {
+            let options = SqliteConnectOptions::from_str("sqlite:")
+                .expect("options")
+                .filename(&path)
+                .create_if_missing(true)
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .expect("connect");
+            for step in &MIGRATIONS[..4] {
+                sqlx::raw_sql(*step).execute(&pool).await.expect("old step");
+            }
+            sqlx::raw_sql(
+                "PRAGMA user_version = 4;
+                 INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
+                     rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms,
+                     acknowledged_by, page_rounds)
+                 VALUES ('0190b5e0-0000-7000-8000-000000000001', 'p1', 'pat', 'call-1', 'voice', 1,
+                     'r', 'r', 3, 'acknowledged', 'u1', 1, 2, 'dr', 2);
+                 INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+                 VALUES ('0190b5e0-0000-7000-8000-000000000001', 3, 'p1', 1, 1);",
+            )
+            .execute(&pool)
+            .await
+            .expect("v4 rows");
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.expect("migrates");
+        let id = EscalationId::parse("0190b5e0-0000-7000-8000-000000000001").expect("id");
+        let e = store.get_escalation(id).await.expect("read").expect("kept");
+        assert_eq!(e.state, EscalationState::Acknowledged);
+        assert_eq!(e.handling.acknowledged_by.as_deref(), Some("dr"));
+        assert_eq!(e.handling.page_rounds, 2);
+        assert_eq!(store.outbox_depth().await.expect("outbox").0, 1);
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&store.reader)
+            .await
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        // A Tier 3 escalation, refused by version 4's CHECK, is taken now.
+        let mut e3 = e.clone();
+        e3.id = EscalationId::new();
+        e3.origin = Origin::Appointment("appt-1".into());
+        e3.tier = Tier::Behavior;
+        let audit = AuditEvent {
+            actor: "test".into(),
+            request_id: "r".into(),
+            action: "escalation.create".into(),
+            subject: "s".into(),
+            detail: serde_json::json!({}),
+        };
+        store
+            .escalate(EscalationWrite::Create(Box::new(e3.clone())), audit.clone())
+            .await
+            .expect("schedule channel");
+        let back = store
+            .get_escalation(e3.id)
+            .await
+            .expect("read")
+            .expect("kept");
+        assert_eq!(back.origin, Origin::Appointment("appt-1".into()));
+        // The writer's foreign keys are on again: a directive for an
+        // escalation that does not exist is refused.
+        let orphan = crate::store::AppointmentRecord {
+            practice: e.practice.clone(),
+            patient: e.patient.clone(),
+            event: crate::tier3::Event {
+                id: AppointmentEventId::parse("ev").expect("id"),
+                appointment: AppointmentId::parse("ap").expect("id"),
+                kind: crate::tier3::Kind::NoShow,
+                initiator: None,
+                occurred_at_ms: 1,
+                scheduled_for_ms: 1,
+            },
+            answer: Default::default(),
+            firings: vec![],
+            write: None,
+            directive: Some(QueuedDirective {
+                seq: 0,
+                directive_id: "d1".into(),
+                practice: e.practice.clone(),
+                patient: e.patient.clone(),
+                directive: Directive {
+                    escalation_id: EscalationId::new().to_string(),
+                    tier: Tier::Behavior,
+                    severity: Severity::High,
+                    referral_text: "988".into(),
+                    utterance_id: "ev".into(),
+                    reason_code: "r".into(),
+                },
+            }),
+            audit: vec![audit],
+            prune_events_before_ms: 0,
+            max_events: 8,
+            prune_firings_before_ms: 0,
+        };
+        assert!(store.record_appointment(orphan).await.is_err());
+        store.close().await;
+    }
+}

@@ -177,10 +177,13 @@ mod tests {
 
     const STREAK: &str = "behavior.cancellation_streak";
 
+    /// (what, events as (kind, day), the rules that fire in order).
+    type Case<'a> = (&'a str, &'a [(char, i64)], &'a [&'a str]);
+
     #[test]
     fn streak_table() {
         let none: &[&str] = &[];
-        let cases: &[(&str, &[(char, i64)], &[&str])] = &[
+        let cases: &[Case] = &[
             (
                 "three cancellations in 45 days",
                 &[('c', 0), ('c', 10), ('c', 20)],

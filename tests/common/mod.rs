@@ -39,6 +39,9 @@ pub const TOKENS: &[(&str, &str, Role, &str)] = &[
     ("tok-responder-p1", "oncall-p1", Role::Responder, "p1"),
     ("tok-responder-p2", "oncall-p2", Role::Responder, "p2"),
     ("tok-admin", "admin", Role::Admin, ""),
+    ("tok-scheduling", "scheduler", Role::Scheduling, ""),
+    ("tok-scheduling-p2", "scheduler-p2", Role::Scheduling, "p2"),
+    ("tok-messaging-p2", "sms-gateway-p2", Role::Messaging, "p2"),
 ];
 
 pub fn secured(mut c: Config) -> Config {
@@ -59,8 +62,16 @@ impl TestServer {
         Self::start_with(config, Default::default()).await
     }
 
-    pub async fn start_with(mut config: Config, seams: crisisd::server::Seams) -> TestServer {
-        let data_dir = temp_dir("server");
+    pub async fn start_with(config: Config, seams: crisisd::server::Seams) -> TestServer {
+        Self::start_in(config, temp_dir("server"), seams).await
+    }
+
+    /// Starts on the data left by an earlier server (a restart).
+    pub async fn start_in(
+        mut config: Config,
+        data_dir: PathBuf,
+        seams: crisisd::server::Seams,
+    ) -> TestServer {
         config.data_dir = data_dir.display().to_string();
         config.validate().expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
