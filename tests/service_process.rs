@@ -180,6 +180,78 @@ async fn send_canary_everywhere(addr: &str) {
     c.list_escalations(authed(pb::ListEscalationsRequest::default(), None))
         .await
         .expect("list");
+    // Tier 3: a streak that fires (it attaches to the open escalation),
+    // repeats, bad events, a subscription and its acknowledgement.
+    let now = crisisd::escalation::now_ms() / 1000;
+    let ts = |s: i64| {
+        Some(prost_types::Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    let appt = |id: &str, days_ago: i64| pb::AppointmentEvent {
+        event_id: id.into(),
+        appointment_id: format!("canary-appt-{id}"),
+        patient_id: PATIENT.into(),
+        practice_id: "p1".into(),
+        kind: pb::AppointmentEventKind::Cancelled as i32,
+        occurred_at: ts(now - days_ago * 86_400),
+        scheduled_for: ts(now - days_ago * 86_400 + 3600),
+        initiator: pb::Initiator::Patient as i32,
+    };
+    for (id, days) in [("ce1", 20), ("ce2", 10), ("ce3", 1), ("ce3", 1)] {
+        c.record_appointment_event(authed(appt(id, days), None))
+            .await
+            .expect("event");
+    }
+    let mut bad = appt("ce4", 1);
+    bad.patient_id = format!("{PATIENT} {NAME}");
+    assert!(c.record_appointment_event(authed(bad, None)).await.is_err());
+    let mut bad = appt(PHONE, 1);
+    bad.initiator = 0;
+    assert!(c.record_appointment_event(authed(bad, None)).await.is_err());
+    // A patient without an open escalation: a directive is queued.
+    for (id, days) in [("cf1", 20), ("cf2", 10), ("cf3", 1)] {
+        let mut e = appt(id, days);
+        e.patient_id = format!("{PATIENT}-2");
+        c.record_appointment_event(authed(e, None))
+            .await
+            .expect("event");
+    }
+    let mut sub = c
+        .subscribe_directives(authed(
+            pb::SubscribeDirectivesRequest {
+                practice_id: "p1".into(),
+            },
+            None,
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("a directive");
+    assert!(d.patient_id.starts_with(PATIENT));
+    c.acknowledge_directive(authed(
+        pb::AcknowledgeDirectiveRequest {
+            directive_id: d.directive_id,
+        },
+        None,
+    ))
+    .await
+    .expect("ack");
+    assert!(
+        c.acknowledge_directive(authed(
+            pb::AcknowledgeDirectiveRequest {
+                directive_id: PATIENT.into(),
+            },
+            None,
+        ))
+        .await
+        .is_err()
+    );
 }
 
 fn run_cli(dir: &Path, args: &[&str]) -> (bool, String) {
