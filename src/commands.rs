@@ -434,3 +434,23 @@ pub fn replay_tier2(
         Ok::<_, anyhow::Error>(())
     })
 }
+
+pub fn loadgen(opts: crisisd::loadgen::LoadOptions) -> Result<ExitCode> {
+    crisisd::server::install_crypto_provider();
+    let rt = runtime()?;
+    let report = rt.block_on(crisisd::loadgen::run(opts))?;
+    print!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn echo_server(listen: &str) -> Result<ExitCode> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        println!("echo service on {}", listener.local_addr()?);
+        crisisd::loadgen::echo::serve(listener).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

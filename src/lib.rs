@@ -39,6 +39,7 @@ pub mod domain;
 pub mod escalation;
 pub mod eval;
 pub mod ids;
+pub mod loadgen;
 pub mod pager;
 pub mod phone;
 pub mod replay;

@@ -92,6 +92,52 @@ enum Command {
         #[arg(long, default_value = "demo-practice")]
         practice: String,
     },
+    /// Load a running server: concurrent calls (and texts) at a rate, with
+    /// progress each second, then throughput, directive latency
+    /// percentiles, errors and the server's memory.
+    Loadgen {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+        /// Bearer token of the voice (and messaging) role (else
+        /// $CRISISD_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Concurrent transcript streams.
+        #[arg(long, default_value_t = 100)]
+        streams: usize,
+        /// HTTP/2 connections they share (default: one per 100 streams).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Utterances per second over all streams; 0: as fast as possible.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Texts per second (SubmitMessage).
+        #[arg(long, default_value_t = 0.0)]
+        messages: f64,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Utterances per call; the last of each call is crisis language
+        /// (a share of 1/N), unless --no-crisis.
+        #[arg(long, default_value_t = 20)]
+        call_len: usize,
+        #[arg(long)]
+        no_crisis: bool,
+        /// Only open the streams and hold them (memory per idle stream).
+        #[arg(long)]
+        idle: bool,
+        /// The server's process id, to report its resident memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long, default_value = "loadgen")]
+        practice: String,
+    },
+    /// The transport ceiling for `loadgen`: the same gRPC API served by a
+    /// service that only reads. Not crisis detection.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: String,
+    },
     /// Print who an escalation for a practice would page at TIME: the
     /// clinician on call, if any, and the backup.
     Oncall {
@@ -255,6 +301,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             practice,
             at,
         } => commands::oncall(&roster, &practice, at.as_deref()),
+        Command::Loadgen {
+            server,
+            token,
+            streams,
+            connections,
+            rate,
+            messages,
+            duration,
+            call_len,
+            no_crisis,
+            idle,
+            server_pid,
+            practice,
+        } => commands::loadgen(crisisd::loadgen::LoadOptions {
+            target: server,
+            token: token.or_else(|| std::env::var("CRISISD_TOKEN").ok()),
+            connections: connections.unwrap_or(streams.div_ceil(100)),
+            streams,
+            rate,
+            duration,
+            call_len: call_len.max(1),
+            crisis: !no_crisis,
+            messages_per_sec: messages,
+            idle,
+            practice,
+            server_pid,
+            progress: true,
+            ..Default::default()
+        }),
+        Command::EchoServer { listen } => commands::echo_server(&listen),
         Command::Audit { config, action } => match action {
             AuditAction::Verify => commands::audit_verify(config),
             AuditAction::Export { since } => commands::audit_export(config, since.as_deref()),
