@@ -454,3 +454,32 @@ pub fn echo_server(listen: &str) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+pub fn health(addr: &str) -> Result<ExitCode> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let rt = runtime()?;
+    rt.block_on(async {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .context("--addr must be host:port")?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "crisis.v1.CrisisDetection".to_string(),
+            })
+            .await
+            .context("health check")?
+            .into_inner()
+            .status();
+        println!("{}", status.as_str_name());
+        Ok(if status == ServingStatus::Serving {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

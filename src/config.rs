@@ -291,6 +291,9 @@ pub struct Config {
     pub listen: String,
     /// Prometheus metrics address; empty: no metrics endpoint.
     pub metrics_listen: String,
+    /// A plaintext gRPC health endpoint on loopback (for a container's
+    /// health check, which has no client certificate); empty: off.
+    pub health_listen: String,
     /// Where the embedded SQLite database lives.
     pub data_dir: String,
     pub log: Log,
@@ -310,6 +313,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:50051".to_string(),
             metrics_listen: String::new(),
+            health_listen: String::new(),
             data_dir: "./crisisd-data".to_string(),
             log: Log::default(),
             limits: Limits::default(),
@@ -397,6 +401,23 @@ impl Config {
             .map_err(|_| invalid("metrics_listen", "not a socket address (host:port)"))
     }
 
+    pub fn health_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.health_listen.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self
+            .health_listen
+            .parse()
+            .map_err(|_| invalid("health_listen", "not a socket address (host:port)"))?;
+        if !addr.ip().is_loopback() {
+            return Err(invalid(
+                "health_listen",
+                "must be a loopback address: it is plaintext and unauthenticated",
+            ));
+        }
+        Ok(Some(addr))
+    }
+
     pub fn database_path(&self) -> PathBuf {
         Path::new(&self.data_dir).join("crisisd.db")
     }
@@ -416,6 +437,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let listen = self.listen_addr()?;
         self.metrics_addr()?;
+        self.health_addr()?;
         if self.data_dir.is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }

@@ -131,6 +131,13 @@ enum Command {
         #[arg(long, default_value = "loadgen")]
         practice: String,
     },
+    /// Ask a server's health endpoint whether crisis detection is serving;
+    /// exit 0 if so, 1 if not (for a container's health check).
+    Health {
+        /// The server's `health_listen` address (plaintext, loopback).
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        addr: String,
+    },
     /// The transport ceiling for `loadgen`: the same gRPC API served by a
     /// service that only reads. Not crisis detection.
     #[command(hide = true)]
@@ -331,6 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ..Default::default()
         }),
         Command::EchoServer { listen } => commands::echo_server(&listen),
+        Command::Health { addr } => commands::health(&addr),
         Command::Audit { config, action } => match action {
             AuditAction::Verify => commands::audit_verify(config),
             AuditAction::Export { since } => commands::audit_export(config, since.as_deref()),

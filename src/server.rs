@@ -298,6 +298,21 @@ pub async fn serve(
             .max_encoding_message_size(frame_limit),
         move |req| auth.intercept(req),
     );
+    let health_task = match config.health_addr() {
+        Ok(Some(addr)) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(ServeError::Listener)?;
+            let only_health = health_service.clone();
+            Some(tokio::spawn(async move {
+                let _ = Server::builder()
+                    .add_service(only_health)
+                    .serve_with_incoming(TcpListenerStream::new(listener))
+                    .await;
+            }))
+        }
+        _ => None,
+    };
     let mut builder = Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -308,6 +323,9 @@ pub async fn serve(
         .add_service(crisis)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
+    if let Some(t) = health_task {
+        t.abort();
+    }
     tracing::info!("shutting down: in-flight requests finished");
     let _ = stop_tx.send(true);
     let _ = pager.await;

@@ -31,10 +31,12 @@ fn scrape(port: u16) -> String {
 struct Server {
     serve: Serve,
     dir: PathBuf,
+    health: String,
 }
 
 fn start(metrics_port: u16) -> Server {
     let dir = temp_dir("process");
+    let health = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{metrics_port}");
     let mut cmd = crisisd(&dir);
     cmd.args([
@@ -45,10 +47,12 @@ fn start(metrics_port: u16) -> Server {
         &metrics,
     ])
     .env("CRISISD_LOG_LEVEL", "debug")
-    .env("CRISISD_LOG_FORMAT", "json");
+    .env("CRISISD_LOG_FORMAT", "json")
+    .env("CRISISD_HEALTH_LISTEN", &health);
     Server {
         serve: Serve::spawn(cmd),
         dir,
+        health,
     }
 }
 
@@ -279,6 +283,9 @@ fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
     let mut server = start(metrics_port);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(send_canary_everywhere(&server.serve.addr));
+    // The container's health check: the loopback health endpoint.
+    let (ok, text) = run_cli(&server.dir, &["health", "--addr", &server.health]);
+    assert!(ok && text.trim() == "SERVING", "{text}");
     // The README's "try it": `crisisd stream FILE` against the server.
     let call = server.dir.join("call.txt");
     std::fs::write(
