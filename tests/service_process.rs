@@ -79,7 +79,10 @@ const NAME: &str = "Zebulon Quixote";
 const PHONE: &str = "+15555550199";
 const PATIENT: &str = "CANARYPATIENT-4242";
 
-async fn send_canary_everywhere(addr: &str) {
+/// Sends the canary through every RPC and every rejection; returns the
+/// status messages the client got back, which must not hold it either.
+async fn send_canary_everywhere(addr: &str) -> Vec<String> {
+    let mut errors: Vec<String> = Vec::new();
     let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("url")
         .connect()
@@ -130,7 +133,7 @@ async fn send_canary_everywhere(addr: &str) {
         vec![started(&format!("{PATIENT} {NAME}"), PATIENT, "p1", "en")],
     ] {
         let (_, status) = play(&mut c, None, events).await;
-        assert!(status.is_some());
+        errors.push(status.expect("rejected").message().to_string());
     }
     // Texts: escalating, repeated, invalid.
     let m = |id: &str, thread: &str, text: &str| pb::InboundMessage {
@@ -150,21 +153,25 @@ async fn send_canary_everywhere(addr: &str) {
     c.submit_message(authed(m("canary-m1", "canary-t1", &sentence), None))
         .await
         .expect("repeat");
-    assert!(
+    errors.push(
         c.submit_message(authed(
             m("canary-m2", &format!("t {PHONE}"), &sentence),
-            None
+            None,
         ))
         .await
-        .is_err()
+        .expect_err("rejected")
+        .message()
+        .to_string(),
     );
-    assert!(
+    errors.push(
         c.submit_message(authed(
             m("canary-m3", "canary-t1", &sentence.repeat(600)),
-            None
+            None,
         ))
         .await
-        .is_err()
+        .expect_err("rejected")
+        .message()
+        .to_string(),
     );
     // Reads.
     let e = c
@@ -210,10 +217,22 @@ async fn send_canary_everywhere(addr: &str) {
     }
     let mut bad = appt("ce4", 1);
     bad.patient_id = format!("{PATIENT} {NAME}");
-    assert!(c.record_appointment_event(authed(bad, None)).await.is_err());
+    errors.push(
+        c.record_appointment_event(authed(bad, None))
+            .await
+            .expect_err("rejected")
+            .message()
+            .to_string(),
+    );
     let mut bad = appt(PHONE, 1);
     bad.initiator = 0;
-    assert!(c.record_appointment_event(authed(bad, None)).await.is_err());
+    errors.push(
+        c.record_appointment_event(authed(bad, None))
+            .await
+            .expect_err("rejected")
+            .message()
+            .to_string(),
+    );
     // A patient without an open escalation: a directive is queued.
     for (id, days) in [("cf1", 20), ("cf2", 10), ("cf3", 1)] {
         let mut e = appt(id, days);
@@ -246,7 +265,7 @@ async fn send_canary_everywhere(addr: &str) {
     ))
     .await
     .expect("ack");
-    assert!(
+    errors.push(
         c.acknowledge_directive(authed(
             pb::AcknowledgeDirectiveRequest {
                 directive_id: PATIENT.into(),
@@ -254,8 +273,76 @@ async fn send_canary_everywhere(addr: &str) {
             None,
         ))
         .await
-        .is_err()
+        .expect_err("rejected")
+        .message()
+        .to_string(),
     );
+    // Responder paths with the canary where an id or a name goes.
+    let unknown = crisisd::ids::EscalationId::new().to_string();
+    for id in [PATIENT.to_string(), unknown.clone()] {
+        errors.push(
+            c.get_escalation(authed(
+                pb::GetEscalationRequest {
+                    escalation_id: id.clone(),
+                },
+                None,
+            ))
+            .await
+            .expect_err("rejected")
+            .message()
+            .to_string(),
+        );
+        errors.push(
+            c.acknowledge_escalation(authed(
+                pb::AcknowledgeEscalationRequest {
+                    escalation_id: id.clone(),
+                    responder_id: NAME.into(),
+                },
+                None,
+            ))
+            .await
+            .expect_err("rejected")
+            .message()
+            .to_string(),
+        );
+    }
+    let ack = c
+        .acknowledge_escalation(authed(
+            pb::AcknowledgeEscalationRequest {
+                escalation_id: v.escalation_id.clone(),
+                responder_id: format!("{PHONE} {NAME}"),
+            },
+            None,
+        ))
+        .await;
+    if let Err(s) = ack {
+        errors.push(s.message().to_string());
+    }
+    c.resolve_escalation(authed(
+        pb::ResolveEscalationRequest {
+            escalation_id: v.escalation_id.clone(),
+            responder_id: "dr-canary".into(),
+            disposition: pb::Disposition::PatientSafe as i32,
+        },
+        None,
+    ))
+    .await
+    .expect("resolve");
+    errors.push(
+        c.list_escalations(authed(
+            pb::ListEscalationsRequest {
+                practice_id: PATIENT.into(),
+                page_token: format!("{PATIENT}{NAME}"),
+                ..Default::default()
+            },
+            None,
+        ))
+        .await
+        .expect_err("rejected")
+        .message()
+        .to_string(),
+    );
+    errors
 }
 
 fn run_cli(dir: &Path, args: &[&str]) -> (bool, String) {
@@ -282,7 +369,13 @@ fn no_phi_in_output_clean_shutdown_and_a_verifiable_audit_log() {
     let metrics_port = free_port();
     let mut server = start(metrics_port);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(send_canary_everywhere(&server.serve.addr));
+    let errors = rt.block_on(send_canary_everywhere(&server.serve.addr));
+    assert!(errors.len() >= 12, "{errors:?}");
+    for e in &errors {
+        for canary in [NAME, PHONE, PATIENT, "kill myself", "Zebulon", "4242"] {
+            assert!(!e.contains(canary), "an error string holds {canary:?}: {e}");
+        }
+    }
     // The container's health check: the loopback health endpoint.
     let (ok, text) = run_cli(&server.dir, &["health", "--addr", &server.health]);
     assert!(ok && text.trim() == "SERVING", "{text}");
