@@ -52,6 +52,59 @@ pub enum ServeError {
     },
 }
 
+/// How often the store is probed with a write.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Health follows the store: a write that cannot reach the disk (full,
+/// read-only, gone) makes the service not-ready until one can again.
+async fn readiness_loop(
+    store: Arc<dyn Store>,
+    health: tonic_health::server::HealthReporter,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering;
+    use tonic_health::ServingStatus;
+    loop {
+        let ok = match tokio::time::timeout(PROBE_EVERY * 3, store.probe()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                if ready.load(Ordering::Relaxed) {
+                    tracing::error!(error = %e, "the store cannot be written: not ready");
+                }
+                false
+            }
+            Err(_) => {
+                if ready.load(Ordering::Relaxed) {
+                    tracing::error!("a store write did not finish in time: not ready");
+                }
+                false
+            }
+        };
+        if ok && !ready.load(Ordering::Relaxed) {
+            tracing::info!("the store can be written again: ready");
+        }
+        ready.store(ok, Ordering::Relaxed);
+        metrics::gauge!("crisisd_ready").set(if ok { 1.0 } else { 0.0 });
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(
+                <CrisisDetectionServer<Service> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health.set_service_status("", status).await;
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Tier 3's rules: the configured file, else the shipped one. A rule that
 /// cannot be evaluated stops the start, named.
 fn behavior_rules(config: &Config) -> Result<crate::tier3::BehaviorRules, ServeError> {
@@ -284,14 +337,21 @@ pub async fn serve(
         shutdown.await;
         let _ = closing_tx.send(true);
     };
-    let service = Service::new(Core::new(
+    let core = Core::new(
         matcher,
         store.clone(),
         config.clone(),
         classifier,
         behavior,
         closing,
+    );
+    let readiness = tokio::spawn(readiness_loop(
+        store.clone(),
+        health.clone(),
+        core.ready.clone(),
+        stop_tx.subscribe(),
     ));
+    let service = Service::new(core);
     let crisis = InterceptedService::new(
         CrisisDetectionServer::new(service)
             .max_decoding_message_size(frame_limit)
@@ -329,6 +389,7 @@ pub async fn serve(
     tracing::info!("shutting down: in-flight requests finished");
     let _ = stop_tx.send(true);
     let _ = pager.await;
+    let _ = readiness.await;
     store.close().await;
     tracing::info!("store closed");
     result.map_err(ServeError::from)

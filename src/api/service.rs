@@ -58,6 +58,9 @@ pub struct Core {
     /// Turns true when the server starts to shut down: streams that would
     /// otherwise never end (subscriptions) end then.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// False while the store cannot be written (the readiness probe says
+    /// so): new streams and texts are refused with `UNAVAILABLE`.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A review waiting for Tier 2.
@@ -73,6 +76,17 @@ enum Sent {
     Yes,
     Nothing,
     ClientGone,
+    /// The store would not take the escalation: no directive was sent.
+    Unrecorded,
+}
+
+/// Ends a stream whose escalation the store would not take. No directive
+/// goes out for an escalation that is not recorded (it would name one the
+/// store does not have); the client must fail safe on this status.
+fn unrecorded() -> Status {
+    Status::unavailable(
+        "an escalation could not be recorded: give the caller the crisis referral and reconnect",
+    )
 }
 
 /// A call's Tier 2 worker: one request in flight per call; reviews that
@@ -108,6 +122,7 @@ impl Core {
         Core {
             behavior,
             closing,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             patient_locks: (0..super::schedule::PATIENT_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -272,7 +287,9 @@ impl Core {
             ),
         };
         let audit = Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
-        self.record(write, audit, id).await;
+        if !self.record(write, audit, id).await {
+            return Sent::Unrecorded;
+        }
         sh.open = Some(Open {
             id,
             severity: trigger.severity,
@@ -372,7 +389,7 @@ impl Core {
                 };
                 if let Some(t) = core.tier2(&subject, &r.turns, &r.trigger).await {
                     // The stream may be gone: the escalation is still recorded and paged.
-                    let _ = core
+                    let sent = core
                         .escalate_call(
                             &start,
                             &shared,
@@ -384,6 +401,9 @@ impl Core {
                             r.received,
                         )
                         .await;
+                    if matches!(sent, Sent::Unrecorded) {
+                        let _ = tx.send(Err(unrecorded())).await;
+                    }
                 }
             }
         });
@@ -410,6 +430,21 @@ fn request_id<T>(req: &Request<T>) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| crate::ids::MessageId::parse(v).is_ok())
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string)
+}
+
+fn not_ready() -> Status {
+    Status::unavailable("not ready: the store cannot be written")
+}
+
+impl Core {
+    fn check_ready(&self) -> Result<(), Status> {
+        if self.ready.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(())
+        } else {
+            metrics::counter!("crisisd_rejections_total", "code" => "Unavailable").increment(1);
+            Err(not_ready())
+        }
+    }
 }
 
 fn count_detections(ds: &[Detection]) {
@@ -496,10 +531,9 @@ impl Core {
         }
     }
 
-    /// Records an escalation, retrying briefly. When the store cannot take
-    /// it, the directive still goes out: a patient in crisis gets the 988
-    /// referral whatever state the database is in. The failure is logged
-    /// and counted.
+    /// Records an escalation, retrying briefly. False when the store cannot
+    /// take it: the caller sends no directive and ends the stream with
+    /// [`unrecorded`]. The failure is logged and counted.
     async fn record(
         &self,
         write: EscalationWrite,
@@ -766,6 +800,7 @@ impl Core {
                     {
                         Sent::Yes | Sent::Nothing => {}
                         Sent::ClientGone => return Ok(End::ClientClosed),
+                        Sent::Unrecorded => return Err(unrecorded()),
                     }
                 }
             }
@@ -801,6 +836,7 @@ impl CrisisDetection for Service {
     ) -> Result<Response<pb::AppointmentEventAck>, Status> {
         let who = principal(&req)?;
         who.require(&[Role::Scheduling])?;
+        self.core.check_ready()?;
         let request_id = request_id(&req);
         let input = convert::appointment_event(req.into_inner(), now_ms()).inspect_err(|s| {
             metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", s.code()))
@@ -857,6 +893,7 @@ impl CrisisDetection for Service {
     ) -> Result<Response<Self::StreamTranscriptStream>, Status> {
         let who = principal(&req)?;
         who.require(&[Role::Voice])?;
+        self.core.check_ready()?;
         let permit = self.core.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(
                 "too many concurrent transcript streams (limits.max_streams)",
@@ -890,6 +927,7 @@ impl CrisisDetection for Service {
         who.require(&[Role::Messaging])?;
         let request_id = request_id(&req);
         let core = &self.core;
+        core.check_ready()?;
         let m = convert::message(req.into_inner(), core.config.limits.max_message_bytes)
             .inspect_err(|s| {
                 metrics::counter!("crisisd_rejections_total", "code" => format!("{:?}", s.code()))

@@ -54,10 +54,12 @@ const BATCH: u32 = 64;
 const IN_FLIGHT: usize = 16;
 
 /// Retry delay after `attempts` failures: doubling from one second, capped
-/// at a minute, with up to a quarter more at random so that many failed
-/// pages do not retry in step.
+/// at 15 seconds, with up to a quarter more at random so that many failed
+/// pages do not retry in step. The cap is short on purpose: once SNS is
+/// back, a crisis page should not sit out a long backoff (a minute's cap
+/// delayed pages by up to 75 s after an outage ended).
 pub fn backoff_ms(attempts: i64) -> i64 {
-    let base = 1000 * (1i64 << attempts.clamp(0, 6)).min(60);
+    let base = 1000 * (1i64 << attempts.clamp(0, 4)).min(15);
     let mut b = [0u8; 2];
     let jitter = match getrandom::fill(&mut b) {
         Ok(()) => i64::from(u16::from_le_bytes(b)) * (base / 4) / i64::from(u16::MAX),

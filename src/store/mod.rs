@@ -337,6 +337,10 @@ pub trait Store: Send + Sync {
     /// send it at once instead of on their next poll.
     fn directives_signal(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// A small write that must reach the disk: whether the store can take
+    /// an escalation now. Health reports not-ready while it fails.
+    async fn probe(&self) -> Result<(), StoreError>;
+
     /// Flushes and closes.
     async fn close(&self);
 }

@@ -309,6 +309,9 @@ enum Job {
         audit: AuditEvent,
         reply: Reply<u64>,
     },
+    Probe {
+        reply: Reply<()>,
+    },
 }
 
 /// A job's outcome, sent once its group has committed.
@@ -594,7 +597,8 @@ fn job_reply(job: Job) -> Done {
         | Job::PageDelivered { reply, .. }
         | Job::PageFailed { reply, .. }
         | Job::PageBackup { reply, .. }
-        | Job::Call { reply, .. } => Done::Unit(reply, e),
+        | Job::Call { reply, .. }
+        | Job::Probe { reply } => Done::Unit(reply, e),
         Job::Message { reply, .. } | Job::Appointment { reply, .. } => {
             Done::Recorded(reply, Ok(Recorded::New))
         }
@@ -832,6 +836,29 @@ async fn run_job(
         }
         Job::Call { call, reply } => {
             let r = record_call(tx, &call).await.map(|()| Recorded::New);
+            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+        }
+        Job::Probe { reply } => {
+            let r = async {
+                // A table of its own, made on first use: the probe needs no
+                // schema version and touches nothing else.
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS probe (one INTEGER PRIMARY KEY CHECK (one = 1), at_ms INTEGER NOT NULL)",
+                )
+                .execute(&mut **tx)
+                .await
+                .map_err(db("probing"))?;
+                sqlx::query(
+                    "INSERT INTO probe (one, at_ms) VALUES (1, ?)
+                     ON CONFLICT (one) DO UPDATE SET at_ms = excluded.at_ms",
+                )
+                .bind(now_ms())
+                .execute(&mut **tx)
+                .await
+                .map_err(db("probing"))?;
+                Ok(Recorded::New)
+            }
+            .await;
             (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
         }
         Job::AckDirective {
@@ -1771,6 +1798,10 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(found > 0)
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.submit(|reply| Job::Probe { reply }).await
     }
 
     fn directives_signal(&self) -> tokio::sync::watch::Receiver<u64> {
