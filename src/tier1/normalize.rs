@@ -40,7 +40,7 @@ use rustc_hash::FxHashSet;
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
-use super::words::{WordTable, hash};
+use super::words::{WordTable, hash, hash_short};
 
 /// Tokens of history kept while normalizing one text (a power of two: the
 /// history is a ring).
@@ -517,7 +517,7 @@ fn letters_end(bytes: &[u8], mut i: usize) -> usize {
         // Per byte, with its high bit: folded to lower case (`| 0x20`),
         // at least `a`, and not past `z`; bytes of 0x80 and up are not
         // letters. Sums stay within each byte: the high bits are cleared.
-        let y = (x | 0x20 * ONES) & !HIGH_BITS;
+        let y = (x | (0x20 * ONES)) & !HIGH_BITS;
         let ge_a = y + (0x80 - u64::from(b'a')) * ONES;
         let gt_z = y + (0x80 - u64::from(b'z') - 1) * ONES;
         let letter = ge_a & !gt_z & !x & HIGH_BITS;
@@ -610,7 +610,7 @@ impl Emitter<'_> {
             match bytes.get(i) {
                 Some(&b) if is_plain_break(b) => {
                     if letters.len() >= 2 {
-                        self.plain_word(letters);
+                        self.plain_word_at(bytes, start, i);
                     } else {
                         // A single letter waits: it may be one of `k i l l`.
                         self.run.push(char::from(letters[0] | 0x20));
@@ -680,6 +680,39 @@ impl Emitter<'_> {
         let s = self.out.len();
         self.out.extend(letters.iter().map(|&c| c | 0x20));
         let h = hash(&self.out[s..]);
+        self.plain_written(mark, s, h);
+    }
+
+    /// `plain_word` of `bytes[start..end]`. A word of at most eight
+    /// letters with eight bytes of input from its start (nearly all) is
+    /// lowercased as one `u64`, written with one store and hashed as is.
+    #[inline]
+    fn plain_word_at(&mut self, bytes: &[u8], start: usize, end: usize) {
+        let len = end - start;
+        let chunk = match bytes.get(start..start + 8) {
+            Some(chunk) if (1..=8).contains(&len) => chunk,
+            _ => return self.plain_word(&bytes[start..end]),
+        };
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        // Letters only up to `end`: `| 0x20` lowercases each of them, and
+        // the mask clears what follows.
+        let mask = u64::MAX >> (64 - 8 * len);
+        let x = (u64::from_le_bytes(b) | 0x2020_2020_2020_2020) & mask;
+        let mark = self.out.len();
+        if self.needs_space() {
+            self.out.push(b' ');
+        }
+        let s = self.out.len();
+        self.out.extend_from_slice(&x.to_le_bytes());
+        self.out.truncate(s + len);
+        self.plain_written(mark, s, hash_short(len, x));
+    }
+
+    /// The plain word at `out[s..]` (hash `h`) is written, after a space
+    /// from `mark` if it needed one: drops it if a filler, else commits it.
+    #[inline]
+    fn plain_written(&mut self, mark: usize, s: usize, h: u64) {
         let lex = self.vocab.lex(&self.out[s..], h);
         if lex.flags & FILLER != 0 {
             self.out.truncate(mark);

@@ -57,14 +57,27 @@ pub fn hash(w: &[u8]) -> u64 {
     for c in &mut chunks {
         let mut b = [0u8; 8];
         b.copy_from_slice(c);
-        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+        h = step(h, u64::from_le_bytes(b));
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
         let mut b = [0u8; 8];
         b[..rest.len()].copy_from_slice(rest);
-        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+        h = step(h, u64::from_le_bytes(b));
     }
+    h ^ (h >> 29)
+}
+
+#[inline]
+fn step(h: u64, chunk: u64) -> u64 {
+    (h.rotate_left(23) ^ chunk).wrapping_mul(K)
+}
+
+/// `hash` of a word of 1 to 8 bytes given as one `u64` (little-endian,
+/// zero-padded), for a caller that already holds it that way.
+#[inline]
+pub fn hash_short(len: usize, chunk: u64) -> u64 {
+    let h = step(len as u64, chunk);
     h ^ (h >> 29)
 }
 
@@ -218,6 +231,19 @@ mod tests {
             let mut padded = base[..n].to_vec();
             padded.push(0);
             assert_eq!(t.get(&padded), None, "{n} padded");
+        }
+    }
+
+    #[test]
+    fn hash_short_is_hash() {
+        for w in ["ab", "i", "myself", "abcdefgh", "suicide", "zz"] {
+            let mut b = [0u8; 8];
+            b[..w.len()].copy_from_slice(w.as_bytes());
+            assert_eq!(
+                hash_short(w.len(), u64::from_le_bytes(b)),
+                hash(w.as_bytes()),
+                "{w}"
+            );
         }
     }
 
