@@ -45,7 +45,7 @@ use aho_corasick::{AhoCorasick, Anchored, MatchKind};
 use thiserror::Error;
 
 use super::context::{ContextKind, ContextRule};
-use super::normalize::{Normalizer, Vocabulary};
+use super::normalize::{Normalizer, Vocabulary, WordRef};
 use super::rules::{Action, Rule, RuleSet};
 use super::words::WordTable;
 use crate::domain::Speaker;
@@ -144,12 +144,17 @@ pub struct Matcher {
     nfa: NFA,
     start: StateID,
     patterns: Vec<PatternInfo>,
-    /// Word → its code in `nfa`.
-    words: WordTable,
     /// Joined forms, matched inside words of at least `MIN_JOINED_LEN`.
     joined: Option<AhoCorasick>,
     joined_patterns: Vec<PatternInfo>,
+    /// The first four bytes of every joined form, as a bit set: a long
+    /// word holds a joined form only if one of its four-byte windows that
+    /// leave room for eight bytes is in it, so most long words skip the
+    /// automaton.
+    joined_heads: JoinedHeads,
     rules: RuleSet,
+    /// Also knows each rule word's code in `nfa` (its lexicon): the words
+    /// it writes come with their codes.
     normalizer: Normalizer,
     /// Context rules per rule language, indexed like `languages`.
     context: Vec<Vec<ContextRule>>,
@@ -199,6 +204,47 @@ fn word_code(i: usize) -> [u8; 2] {
     [0x80 | (i >> 7) as u8, (i & 0x7f) as u8]
 }
 
+/// Bits for the four-byte beginnings of joined forms (see `joined_heads`).
+#[derive(Debug, Clone)]
+struct JoinedHeads {
+    bits: Vec<u64>,
+}
+
+const JOINED_HEAD_BITS: u32 = 14;
+
+impl Default for JoinedHeads {
+    fn default() -> Self {
+        JoinedHeads {
+            bits: vec![0; 1 << (JOINED_HEAD_BITS - 6)],
+        }
+    }
+}
+
+impl JoinedHeads {
+    #[inline]
+    fn bit(head: [u8; 4]) -> usize {
+        (u32::from_le_bytes(head).wrapping_mul(0x9E37_79B1) >> (32 - JOINED_HEAD_BITS)) as usize
+    }
+
+    fn insert(&mut self, joined: &[u8]) {
+        if let Some(head) = joined.first_chunk::<4>() {
+            let i = Self::bit(*head);
+            self.bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Whether `word` may hold a joined form (of `MIN_JOINED_LEN` bytes or
+    /// more): never false when it does.
+    #[inline]
+    fn may_hold(&self, word: &[u8]) -> bool {
+        let last = word.len().saturating_sub(MIN_JOINED_LEN);
+        word.windows(4).take(last + 1).any(|w| {
+            let i = Self::bit([w[0], w[1], w[2], w[3]]);
+            self.bits[i / 64] & (1 << (i % 64)) != 0
+        })
+    }
+}
+
 /// The set of word sequences one of which must end right before a match.
 #[derive(Debug)]
 struct Prefixes {
@@ -237,8 +283,12 @@ impl Prefixes {
         let mut best = None;
         let mut words = 0;
         let mut i = head.len();
+        let bytes = head.as_bytes();
         while words < self.max_words {
-            let from = head[..i].rfind(' ').map_or(0, |sp| sp + 1);
+            let mut from = i;
+            while from > 0 && bytes[from - 1] != b' ' {
+                from -= 1;
+            }
             words += 1;
             if self.set.contains(&prefix_hash(&head[from..])) {
                 best = Some(from);
@@ -253,7 +303,9 @@ impl Prefixes {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<String> = RefCell::new(String::with_capacity(512));
+    /// The window and the new text, normalized, and the new text's words.
+    static SCRATCH: RefCell<(String, Vec<WordRef>)> =
+        RefCell::new((String::with_capacity(512), Vec::with_capacity(64)));
 }
 
 struct RawMatch {
@@ -326,6 +378,10 @@ impl Matcher {
             )
         };
         let joined_patterns = joined_lit.patterns;
+        let mut joined_heads = JoinedHeads::default();
+        for j in &joined_lit.strings {
+            joined_heads.insert(j.as_bytes());
+        }
 
         let mut languages: Vec<String> = Vec::new();
         let mut rule_language = Vec::with_capacity(rules.rules.len());
@@ -382,23 +438,16 @@ impl Matcher {
             .iter()
             .map(|w| Box::from(w.as_str()))
             .collect();
-        let vocabulary = Vocabulary::new(
-            rules.repair.iter().map(String::as_str),
-            rules
-                .rules
-                .iter()
-                .flat_map(|r| r.patterns.iter().chain(&r.prefixes))
-                .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
-                .flat_map(|p| p.split(' '))
-                .chain(rules.keep.iter().map(String::as_str)),
-        );
+        let mut vocabulary =
+            Vocabulary::new(rules.repair.iter().map(String::as_str), known_words(&rules));
+        vocabulary.set_codes(words.iter());
         Ok(Matcher {
             nfa,
             start,
             patterns,
-            words,
             joined,
             joined_patterns,
+            joined_heads,
             normalizer: Normalizer::with_vocabulary(vocabulary),
             rules,
             context,
@@ -448,6 +497,20 @@ impl Matcher {
         text: &str,
         is_final: bool,
     ) -> Vec<Detection> {
+        self.feed_with(state, speaker, text, is_final, true)
+    }
+
+    /// `feed`; `fused`: scan the words as the normalizer wrote them, with
+    /// their codes. Without it, the scan finds and looks up every word of
+    /// the normalized text again: the tests hold the two to one answer.
+    fn feed_with(
+        &self,
+        state: &mut StreamState,
+        speaker: Speaker,
+        text: &str,
+        is_final: bool,
+        fused: bool,
+    ) -> Vec<Detection> {
         if speaker != Speaker::Patient {
             if speaker == Speaker::Agent && is_final {
                 state.asked = self.screening_question(text);
@@ -455,7 +518,8 @@ impl Matcher {
             return Vec::new();
         }
         SCRATCH.with(|s| {
-            let mut buf = s.borrow_mut();
+            let mut scratch = s.borrow_mut();
+            let (buf, words) = &mut *scratch;
             buf.clear();
             buf.push_str(&state.window);
             let mut old = buf.len();
@@ -464,18 +528,21 @@ impl Matcher {
             } else {
                 Some(self.start)
             };
-            self.normalizer.normalize_into(text, &mut buf);
+            self.normalizer.normalize_words(text, buf, words);
             // A word split across two fragments ("sui" | "cide") is one word.
             if old > 0 && buf.len() > old {
-                let joined = self.normalizer.join_split_at(&mut buf, old + 1);
+                let joined = self.normalizer.join_split_at(buf, old + 1);
                 if joined != old + 1 {
                     // The window's last word changed: rescan its end.
                     old = joined;
                     resume = None;
                 }
             }
+            // The normalizer's words are the new text's exactly, unless the
+            // scan must start earlier.
+            let new_words = (fused && resume.is_some()).then_some(&words[..]);
             let (mut found, end_state) = if buf.len() > old {
-                let (found, sid) = self.scan(&buf, old, !is_final, resume);
+                let (found, sid) = self.scan(buf, old, !is_final, resume, new_words);
                 (found, Some(sid))
             } else {
                 (Vec::new(), resume)
@@ -497,7 +564,7 @@ impl Matcher {
                 }
                 state.early.clear();
                 state.resume = end_state;
-                keep_tail(&mut state.window, &buf);
+                keep_tail(&mut state.window, buf);
             } else {
                 for d in &mut found {
                     d.early = true;
@@ -549,13 +616,16 @@ impl Matcher {
     }
 
     /// Scans normalized `buf`, of which `buf[old..]` is new. In a partial,
-    /// a rule match must be followed by at least one more word.
+    /// a rule match must be followed by at least one more word. `words`,
+    /// when given, are the words of `buf[old..]` with their codes, as the
+    /// normalizer wrote them (then `resume` is given too).
     fn scan(
         &self,
         buf: &str,
         old: usize,
         partial: bool,
         resume: Option<StateID>,
+        words: Option<&[WordRef]>,
     ) -> (Vec<Detection>, StateID) {
         let bytes = buf.as_bytes();
         let mut raw: Vec<RawMatch> = Vec::new();
@@ -588,19 +658,8 @@ impl Matcher {
                 raw.push(RawMatch { start, end, target });
             }
         };
-        let mut at = from;
-        while at < bytes.len() {
-            if bytes[at] == b' ' {
-                at += 1;
-                continue;
-            }
-            let ws = at;
-            let we = bytes[ws..]
-                .iter()
-                .position(|&b| b == b' ')
-                .map_or(bytes.len(), |p| ws + p);
-            at = we;
-            match self.words.get(&bytes[ws..we]) {
+        let mut word = |ws: usize, we: usize, code: Option<[u8; 2]>| {
+            match code {
                 Some([hi, lo]) => {
                     // The first byte of a code never ends a literal.
                     sid = self.nfa.next_state(Anchored::No, sid, hi);
@@ -618,9 +677,34 @@ impl Matcher {
             if we - ws >= MIN_JOINED_LEN
                 && we > old
                 && let Some(ac) = &self.joined
+                && self.joined_heads.may_hold(&bytes[ws..we])
             {
                 for m in ac.find_overlapping_iter(&buf[ws..we]) {
                     push(&self.joined_patterns[m.pattern().as_usize()], ws + m.end());
+                }
+            }
+        };
+        match words {
+            Some(words) => {
+                for w in words {
+                    word(w.s, w.e, w.code);
+                }
+            }
+            None => {
+                let vocabulary = self.normalizer.vocabulary();
+                let mut at = from;
+                while at < bytes.len() {
+                    if bytes[at] == b' ' {
+                        at += 1;
+                        continue;
+                    }
+                    let ws = at;
+                    let we = bytes[ws..]
+                        .iter()
+                        .position(|&b| b == b' ')
+                        .map_or(bytes.len(), |p| ws + p);
+                    at = we;
+                    word(ws, we, vocabulary.code(&bytes[ws..we]));
                 }
             }
         }
@@ -714,24 +798,43 @@ impl Matcher {
         }
         // Context reaches a few words at most; never split a long text
         // whole, and keep the words on the stack: this runs for every match.
+        // (Byte loops: for words this short, `split` costs more.)
+        let bytes = buf.as_bytes();
         let mut before = [""; CONTEXT_WORDS];
         let mut nb = 0;
-        for w in buf[..start].rsplit(' ').filter(|w| !w.is_empty()) {
-            if nb == CONTEXT_WORDS {
+        let mut i = start;
+        while nb < CONTEXT_WORDS {
+            while i > 0 && bytes[i - 1] == b' ' {
+                i -= 1;
+            }
+            if i == 0 {
                 break;
             }
-            before[nb] = w;
+            let e = i;
+            while i > 0 && bytes[i - 1] != b' ' {
+                i -= 1;
+            }
+            // Normalized text is ASCII: every byte offset is a boundary.
+            before[nb] = buf.get(i..e).unwrap_or_default();
             nb += 1;
         }
         let before = &mut before[..nb];
         before.reverse();
         let mut after = [""; CONTEXT_WORDS];
         let mut na = 0;
-        for w in buf[end..].split(' ').filter(|w| !w.is_empty()) {
-            if na == CONTEXT_WORDS {
+        let mut i = end;
+        while na < CONTEXT_WORDS {
+            while i < bytes.len() && bytes[i] == b' ' {
+                i += 1;
+            }
+            if i == bytes.len() {
                 break;
             }
-            after[na] = w;
+            let s = i;
+            while i < bytes.len() && bytes[i] != b' ' {
+                i += 1;
+            }
+            after[na] = buf.get(s..i).unwrap_or_default();
             na += 1;
         }
         let (before, after) = (&*before, &after[..na]);
@@ -740,6 +843,18 @@ impl Matcher {
             .find(|c| c.applies(before, after))
             .map(|c| c.kind)
     }
+}
+
+/// Words typo repair must leave alone: every word of every pattern, prefix
+/// and exclusion, and the rule files' own `keep` list.
+pub(crate) fn known_words(rules: &RuleSet) -> impl Iterator<Item = &str> {
+    rules
+        .rules
+        .iter()
+        .flat_map(|r| r.patterns.iter().chain(&r.prefixes))
+        .chain(rules.exclusions.iter().flat_map(|x| x.patterns.iter()))
+        .flat_map(|p| p.split(' '))
+        .chain(rules.keep.iter().map(String::as_str))
 }
 
 /// Exclusion spans, answering "does one contain [s, e)?" in log time, so a
@@ -828,6 +943,108 @@ fn keep_tail(window: &mut String, buf: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn shipped() -> &'static Matcher {
+        static M: OnceLock<Matcher> = OnceLock::new();
+        M.get_or_init(|| Matcher::builtin().expect("the shipped rules compile"))
+    }
+
+    /// Fragments of a conversation: crisis phrases, idioms, context cues,
+    /// split and joined words, typos, fillers, and arbitrary Unicode.
+    fn fragment() -> impl Strategy<Value = String> {
+        let phrase = prop::sample::select(vec![
+            "I want to kill myself",
+            "im going to kill my self",
+            "k i l l myself",
+            "kil myslef",
+            "i want to die",
+            "wanttodie",
+            "killmyself tonight",
+            "i feel suicidel",
+            "sui",
+            "cide",
+            "my",
+            "self",
+            "i'm not going to hurt myself",
+            "my brother wants to kill himself",
+            "when i was 16 i tried to overdose",
+            "if i fail im going to end it",
+            "killed myself laughing",
+            "cutting myself some slack",
+            "i could just die",
+            "um",
+            "uh I I want to",
+            "take all the pills",
+            "all the all the pills",
+            "\u{1F48A}\u{1F48A}",
+            "quiero morir",
+            "me quiero suicidar",
+            "gonna like take all my pills",
+            "yes",
+            "no",
+            "i have a plan",
+            "hang myself",
+            "im a burden",
+            "nobody would miss me",
+            "",
+        ]);
+        prop_oneof![
+            3 => prop::collection::vec(phrase, 1..4).prop_map(|v| v.join(" ")),
+            1 => "\\PC{0,40}",
+            1 => "[a-zA-Z '.,!]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1500))]
+
+        /// Scanning the normalizer's words gives what finding and looking
+        /// up every word of the normalized text again gives, fragment by
+        /// fragment, partial or final, and leaves the same stream state.
+        #[test]
+        fn fused_scan_matches_the_text_scan(
+            parts in prop::collection::vec((fragment(), any::<bool>(), 0u8..4), 1..10)
+        ) {
+            let m = shipped();
+            let (mut a, mut b) = (StreamState::new(), StreamState::new());
+            for (text, is_final, who) in parts {
+                let speaker = [Speaker::Patient, Speaker::Patient, Speaker::Agent, Speaker::Clinician][usize::from(who)];
+                let fused = m.feed_with(&mut a, speaker, &text, is_final, true);
+                let plain = m.feed_with(&mut b, speaker, &text, is_final, false);
+                prop_assert_eq!(fused, plain, "{:?}", text);
+                prop_assert_eq!(&a.window, &b.window);
+                prop_assert_eq!(a.resume, b.resume);
+            }
+        }
+
+        /// The same for one text cut anywhere (inside words too) and fed
+        /// piece by piece.
+        #[test]
+        fn fused_scan_matches_the_text_scan_on_split_text(
+            text in prop::collection::vec(fragment(), 1..6).prop_map(|v| v.join(" ")),
+            cuts in prop::collection::vec(0usize..200, 0..6),
+            finals in any::<u8>(),
+        ) {
+            let m = shipped();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+            cuts.push(text.len());
+            cuts.sort_unstable();
+            let (mut a, mut b) = (StreamState::new(), StreamState::new());
+            let mut from = 0;
+            for (k, cut) in cuts.into_iter().enumerate() {
+                let Some(piece) = text.get(from..cut) else { continue };
+                from = cut;
+                let is_final = finals & (1 << (k % 8)) != 0 || from == text.len();
+                let fused = m.feed_with(&mut a, Speaker::Patient, piece, is_final, true);
+                let plain = m.feed_with(&mut b, Speaker::Patient, piece, is_final, false);
+                prop_assert_eq!(fused, plain, "{:?} of {:?}", piece, text);
+                prop_assert_eq!(&a.window, &b.window);
+            }
+        }
+    }
 
     #[test]
     fn tail_is_bounded() {

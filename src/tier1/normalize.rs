@@ -25,21 +25,61 @@
 //!
 //! Normalization is idempotent and never fails; the property tests in this
 //! module hold it to both.
+//!
+//! **Speed.** Long texts are almost all plain ASCII words, so those take one
+//! pass: a word's letters are lowercased straight into the output, hashed
+//! once, and one lookup in the vocabulary's *lexicon* says everything the
+//! word steps need (filler? a typo of which target? could it be half of a
+//! split target word?). Repeats compare the kept hashes before any bytes.
+//! Everything else (digits, symbols, apostrophes, non-ASCII) takes the
+//! general token path. The normalizer as it was before this rewrite is kept
+//! in the tests as the oracle the fast path must match byte for byte.
 
 use rustc_hash::FxHashSet;
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
-/// Tokens of history kept while normalizing one text.
+use super::words::{WordTable, hash, hash_short};
+
+/// Tokens of history kept while normalizing one text (a power of two: the
+/// history is a ring).
 const HIST: usize = 4;
+
+/// Byte classes of ASCII for the single pass; every byte from 0x80 up is
+/// `HIGH` and leaves the pass for NFKC.
+const BREAK: u8 = 0;
+const LETTER: u8 = 1;
+const DIGIT: u8 = 2;
+/// `:` `'` `` ` `` `@` `$` `!` `|`: each means something next to a word.
+const SPECIAL: u8 = 3;
+const HIGH: u8 = 4;
+
+static CLASS: [u8; 256] = {
+    let mut t = [HIGH; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_alphabetic() {
+            LETTER
+        } else if c.is_ascii_digit() {
+            DIGIT
+        } else if matches!(c, b':' | b'\'' | b'`' | b'@' | b'$' | b'!' | b'|') {
+            SPECIAL
+        } else {
+            BREAK
+        };
+        b += 1;
+    }
+    t
+};
 
 /// An ASCII byte that ends a word and means nothing else: not a letter or
 /// digit, not an apostrophe (dropped inside words), not a symbol that may
 /// stand for a letter, not the colon of an emoji shortcode.
 #[inline]
 fn is_plain_break(b: u8) -> bool {
-    !(b.is_ascii_alphanumeric() || matches!(b, b':' | b'\'' | b'`' | b'@' | b'$' | b'!' | b'|'))
+    CLASS[usize::from(b)] == BREAK
 }
 
 /// Emoji that carry risk in a patient's words, and the token each becomes.
@@ -56,32 +96,17 @@ pub const RISK_EMOJI: &[(char, &str)] = &[
 
 /// Speech-recognition fillers, dropped wherever they stand. Not "er": in
 /// this domain that is the emergency room.
+const FILLERS: &[&str] = &[
+    "um", "umm", "ummm", "uh", "uhh", "uhhh", "uhm", "erm", "hmm", "hm", "mm", "mmm", "ah", "ahh",
+    "eh", "ehh", "em", "emm", "mhm",
+];
+
 fn is_filler(w: &str) -> bool {
-    // Cheap rejection first: this runs on every word.
+    // Cheap rejection first: this runs on every word of the token path.
     if w.len() > 4 || !matches!(w.as_bytes().first(), Some(b'u' | b'e' | b'h' | b'm' | b'a')) {
         return false;
     }
-    matches!(
-        w,
-        "um" | "umm"
-            | "ummm"
-            | "uh"
-            | "uhh"
-            | "uhhh"
-            | "uhm"
-            | "erm"
-            | "hmm"
-            | "hm"
-            | "mm"
-            | "mmm"
-            | "ah"
-            | "ahh"
-            | "eh"
-            | "ehh"
-            | "em"
-            | "emm"
-            | "mhm"
-    )
+    FILLERS.contains(&w)
 }
 
 /// Units that may follow a number without the digits being read as letters.
@@ -90,9 +115,40 @@ const NUMBER_SUFFIXES: &[&str] = &[
     "hr", "hrs", "min", "mins", "yo", "yr", "yrs", "ft", "in", "g", "mo",
 ];
 
+/// What the lexicon knows of a word.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Lex {
+    flags: u8,
+    /// With `TYPO`: the index in `Vocabulary::targets` it is repaired to.
+    target: u16,
+    /// With `CODED`: the word's code in the matcher's automaton.
+    code: [u8; 2],
+}
+
+/// A speech filler.
+const FILLER: u8 = 1;
+/// One edit from a repair target, and repaired to `target`.
+const TYPO: u8 = 2;
+/// The beginning of a repair target (so it may be the left half of a split).
+const LEFT: u8 = 4;
+/// The end of a repair target (so it may be the right half of a split).
+const RIGHT: u8 = 8;
+/// A word the rules use, with its code in the automaton.
+const CODED: u8 = 16;
+
+/// A word of normalized output as the normalizer wrote it, for the matcher:
+/// where it is, and its code in the automaton if the rules use it. Saves the
+/// matcher finding and looking up every word again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WordRef {
+    pub s: usize,
+    pub e: usize,
+    pub code: Option<[u8; 2]>,
+}
+
 /// The crisis vocabulary that one-edit typos are repaired to, and the words
 /// that must never be rewritten (every word a rule uses, plus any extras).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Vocabulary {
     /// Repair targets, bucketed by first letter for a cheap pre-filter.
     by_first: Vec<Vec<Box<str>>>,
@@ -101,6 +157,18 @@ pub struct Vocabulary {
     lengths: [u64; 26],
     /// Words that are already right and must not be rewritten.
     known: FxHashSet<Box<str>>,
+    /// Every word the word steps treat specially: fillers, every string one
+    /// edit from a target that `repair` rewrites (with what to), and every
+    /// beginning and end of a target. Built from `repair` itself, so one
+    /// lookup answers exactly what the slower checks would.
+    lexicon: WordTable<Lex>,
+    targets: Vec<Box<str>>,
+}
+
+impl Default for Vocabulary {
+    fn default() -> Self {
+        Vocabulary::new([], [])
+    }
 }
 
 impl Vocabulary {
@@ -135,6 +203,8 @@ impl Vocabulary {
             by_first,
             lengths,
             known: FxHashSet::default(),
+            lexicon: WordTable::with_capacity(0),
+            targets: Vec::new(),
         };
         // Only known words that a repair would otherwise rewrite need
         // remembering; the rest cannot be confused with the vocabulary.
@@ -144,13 +214,103 @@ impl Vocabulary {
             }
         }
         v.known = known_set;
+        v.build_lexicon();
         v
+    }
+
+    /// Fills the lexicon. Typos are found by trying every single edit past
+    /// the first letter of every target (deleting, swapping, inserting or
+    /// substituting a letter) and asking `repair` about each: every word
+    /// `repair` rewrites is one such edit, so the lexicon holds exactly the
+    /// words it rewrites, with the same answer.
+    fn build_lexicon(&mut self) {
+        let targets: Vec<Box<str>> = self.by_first.iter().flatten().cloned().collect();
+        let mut lexicon: WordTable<Lex> = WordTable::with_capacity(1024);
+        for f in FILLERS {
+            lexicon.entry_with(f.as_bytes(), |_| Lex::default()).flags |= FILLER;
+        }
+        let mut cand: Vec<u8> = Vec::with_capacity(64);
+        for t in &targets {
+            let w = t.as_bytes();
+            for k in 1..=w.len() {
+                lexicon.entry_with(&w[..k], |_| Lex::default()).flags |= LEFT;
+                lexicon.entry_with(&w[k - 1..], |_| Lex::default()).flags |= RIGHT;
+            }
+            let try_cand = |cand: &[u8], lexicon: &mut WordTable<Lex>| {
+                let Ok(s) = std::str::from_utf8(cand) else {
+                    return;
+                };
+                let Some(to) = self.repair(s) else {
+                    return;
+                };
+                let Some(i) = targets.iter().position(|x| &**x == to) else {
+                    return;
+                };
+                let Ok(i) = u16::try_from(i) else {
+                    return;
+                };
+                let e = lexicon.entry_with(cand, |_| Lex::default());
+                e.flags |= TYPO;
+                e.target = i;
+            };
+            for p in 1..=w.len() {
+                // Delete or swap at p.
+                if p < w.len() {
+                    cand.clear();
+                    cand.extend_from_slice(&w[..p]);
+                    cand.extend_from_slice(&w[p + 1..]);
+                    try_cand(&cand, &mut lexicon);
+                }
+                if p + 1 < w.len() {
+                    cand.clear();
+                    cand.extend_from_slice(w);
+                    cand.swap(p, p + 1);
+                    try_cand(&cand, &mut lexicon);
+                }
+                for c in b'a'..=b'z' {
+                    // Insert before p, or substitute at p.
+                    cand.clear();
+                    cand.extend_from_slice(&w[..p]);
+                    cand.push(c);
+                    cand.extend_from_slice(&w[p..]);
+                    try_cand(&cand, &mut lexicon);
+                    if p < w.len() {
+                        cand.clear();
+                        cand.extend_from_slice(w);
+                        cand[p] = c;
+                        try_cand(&cand, &mut lexicon);
+                    }
+                }
+            }
+        }
+        self.lexicon = lexicon;
+        self.targets = targets;
+    }
+
+    #[inline]
+    fn lex(&self, w: &[u8], h: u64) -> Lex {
+        self.lexicon.get_hashed(w, h).unwrap_or_default()
+    }
+
+    /// Gives each word the rules use its code in the matcher's automaton.
+    pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], [u8; 2])>) {
+        for (w, code) in codes {
+            let e = self.lexicon.entry_with(w, |_| Lex::default());
+            e.flags |= CODED;
+            e.code = code;
+        }
+    }
+
+    /// The automaton code of normalized word `w`, if the rules use it.
+    #[inline]
+    pub(crate) fn code(&self, w: &[u8]) -> Option<[u8; 2]> {
+        code_of(self.lexicon.get(w).unwrap_or_default())
     }
 
     /// Whether `a` followed by `b` spells a repair target (a split word).
     #[inline]
-    fn is_target_pair(&self, a: &str, b: &str) -> bool {
-        let Some(&first) = a.as_bytes().first() else {
+    fn is_target_pair(&self, a: &[u8], b: &[u8]) -> bool {
+        let Some(&first) = a.first() else {
             return false;
         };
         if !first.is_ascii_lowercase()
@@ -162,35 +322,29 @@ impl Vocabulary {
     }
 
     #[cold]
-    fn is_target_pair_slow(&self, a: &str, b: &str, first: u8) -> bool {
+    fn is_target_pair_slow(&self, a: &[u8], b: &[u8], first: u8) -> bool {
         self.by_first
             .get(usize::from(first - b'a'))
             .is_some_and(|bucket| {
-                bucket
-                    .iter()
-                    .any(|w| w.len() == a.len() + b.len() && w.starts_with(a) && w.ends_with(b))
+                bucket.iter().any(|w| {
+                    let w = w.as_bytes();
+                    w.len() == a.len() + b.len() && w.starts_with(a) && w.ends_with(b)
+                })
             })
     }
 
     /// The repair target for `token`, if it is one edit from exactly the
-    /// vocabulary (first letter kept) and not itself a known word.
-    #[inline]
+    /// vocabulary (first letter kept) and not itself a known word. The
+    /// lexicon is built from this; normalizing looks it up there instead.
     fn repair(&self, token: &str) -> Option<&str> {
         let bytes = token.as_bytes();
         if bytes.len() < 3 || !bytes[0].is_ascii_lowercase() {
             return None;
         }
-        // Runs on every word: the length mask turns nearly all away here.
         let near = 0b111u64 << (bytes.len() - 1).min(61);
         if self.lengths[usize::from(bytes[0] - b'a')] & near == 0 {
             return None;
         }
-        self.repair_near(token)
-    }
-
-    #[cold]
-    fn repair_near(&self, token: &str) -> Option<&str> {
-        let bytes = token.as_bytes();
         if !bytes.iter().all(u8::is_ascii_lowercase) {
             return None;
         }
@@ -213,6 +367,11 @@ impl Vocabulary {
         }
         Some(target)
     }
+}
+
+#[inline]
+fn code_of(lex: Lex) -> Option<[u8; 2]> {
+    (lex.flags & CODED != 0).then_some(lex.code)
 }
 
 /// Whether `t` becomes `w` by one edit past the first letter: deleting or
@@ -255,6 +414,10 @@ impl Normalizer {
         Normalizer { vocabulary }
     }
 
+    pub(crate) fn vocabulary(&self) -> &Vocabulary {
+        &self.vocabulary
+    }
+
     pub fn normalize(&self, input: &str) -> String {
         let mut out = String::with_capacity(input.len());
         self.normalize_into(input, &mut out);
@@ -270,10 +433,10 @@ impl Normalizer {
         }
         let left_start = buf[..at - 1].rfind(' ').map_or(0, |i| i + 1);
         let right_end = buf[at..].find(' ').map_or(buf.len(), |i| at + i);
-        if self
-            .vocabulary
-            .is_target_pair(&buf[left_start..at - 1], &buf[at..right_end])
-        {
+        if self.vocabulary.is_target_pair(
+            &buf.as_bytes()[left_start..at - 1],
+            &buf.as_bytes()[at..right_end],
+        ) {
             buf.remove(at - 1);
             return left_start;
         }
@@ -281,33 +444,45 @@ impl Normalizer {
     }
 
     /// Appends the normalized form of `input` to `out`, separated from what
-    /// `out` already holds by one space. Allocates only for the scratch word.
+    /// `out` already holds by one space. Allocates only for scratch words.
     pub fn normalize_into(&self, input: &str, out: &mut String) {
+        self.normalize_inner(input, out, None);
+    }
+
+    /// `normalize_into`, and the words it appended, in order, with their
+    /// codes (`words` is cleared first).
+    pub(crate) fn normalize_words(&self, input: &str, out: &mut String, words: &mut Vec<WordRef>) {
+        words.clear();
+        self.normalize_inner(input, out, Some(words));
+    }
+
+    fn normalize_inner(&self, input: &str, out: &mut String, words: Option<&mut Vec<WordRef>>) {
+        // The output is built as bytes (only ASCII is ever written, so it
+        // stays UTF-8) and handed back as a `String` at the end.
+        let mut bytes_out = std::mem::take(out).into_bytes();
+        bytes_out.reserve(input.len() + 1);
         let mut em = Emitter {
             vocab: &self.vocabulary,
-            out,
-            base: 0,
-            hist: [(0, 0); HIST],
+            words,
+            base: bytes_out.len(),
+            out: bytes_out,
+            hist: [Tok::default(); HIST],
+            head: 0,
             hist_len: 0,
             run: String::new(),
-            tok: String::with_capacity(32),
-            plain: String::with_capacity(32),
+            tok: String::new(),
+            plain: String::new(),
+            apos: String::new(),
             last_colon: false,
             tok_after_colon: false,
         };
-        em.base = em.out.len();
-        // ASCII runs take the fast path; only the non-ASCII stretches between
-        // them go through NFKC. Splitting there is safe: what NFKC would
+        // ASCII takes the single pass; only the non-ASCII stretches between
+        // ASCII go through NFKC. Splitting there is safe: what NFKC would
         // compose across the seam is a combining mark, which is dropped.
         let bytes = input.as_bytes();
         let mut i = 0;
         while i < bytes.len() {
-            let end = bytes[i..]
-                .iter()
-                .position(|b| !b.is_ascii())
-                .map_or(bytes.len(), |p| i + p);
-            em.ascii_run(&input[i..end]);
-            i = end;
+            i = em.ascii_run(bytes, i);
             if i < bytes.len() {
                 let end = bytes[i..]
                     .iter()
@@ -321,25 +496,73 @@ impl Normalizer {
         }
         em.end_token();
         em.flush_run();
+        *out = match String::from_utf8(em.out) {
+            Ok(s) => s,
+            // Unreachable: only ASCII is written after valid UTF-8.
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
     }
+}
+
+/// Where the run of ASCII letters that goes on at `bytes[i]` ends (the
+/// letter before `i` is known). Eight bytes at a time while there are eight.
+#[inline]
+fn letters_end(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(b);
+        // Per byte, with its high bit: folded to lower case (`| 0x20`),
+        // at least `a`, and not past `z`; bytes of 0x80 and up are not
+        // letters. Sums stay within each byte: the high bits are cleared.
+        let y = (x | (0x20 * ONES)) & !HIGH_BITS;
+        let ge_a = y + (0x80 - u64::from(b'a')) * ONES;
+        let gt_z = y + (0x80 - u64::from(b'z') - 1) * ONES;
+        let letter = ge_a & !gt_z & !x & HIGH_BITS;
+        let not_letter = !letter & HIGH_BITS;
+        if not_letter != 0 {
+            return i + (not_letter.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && CLASS[usize::from(bytes[i])] == LETTER {
+        i += 1;
+    }
+    i
+}
+
+/// A word in the output: where it is, its hash, and its lexicon entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tok {
+    s: usize,
+    e: usize,
+    hash: u64,
+    lex: Lex,
 }
 
 /// Streams characters into tokens and tokens into the output.
 struct Emitter<'a> {
     vocab: &'a Vocabulary,
-    out: &'a mut String,
+    /// Every word this call wrote, kept in step with `out`, when asked for.
+    words: Option<&'a mut Vec<WordRef>>,
+    out: Vec<u8>,
     /// Where this call's output begins in `out`.
     base: usize,
-    /// Byte ranges in `out` of the last few tokens written by this call,
-    /// oldest first; enough to undo split words and repeated pairs.
-    hist: [(usize, usize); HIST],
+    /// The last few tokens written by this call, oldest first from `head`
+    /// (a ring); enough to undo split words and repeated pairs.
+    hist: [Tok; HIST],
+    head: usize,
     hist_len: usize,
     /// Pending run of single-letter tokens, letters only.
     run: String,
     /// The word being read.
     tok: String,
-    /// Scratch for a plain word on its direct path.
+    /// Scratch for a plain word that must wait for a run to go first.
     plain: String,
+    /// Scratch for a word with apostrophes.
+    apos: String,
     /// The previous character was a `:`.
     last_colon: bool,
     /// The word being read began right after a `:` (a `:pill:` shortcode).
@@ -347,14 +570,19 @@ struct Emitter<'a> {
 }
 
 impl Emitter<'_> {
-    fn ascii_run(&mut self, input: &str) {
-        let bytes = input.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
+    /// Reads ASCII from `bytes[i..]` up to the first non-ASCII byte, and
+    /// returns where that is.
+    fn ascii_run(&mut self, bytes: &[u8], mut i: usize) -> usize {
+        let n = bytes.len();
+        while i < n {
             let b = bytes[i];
-            if !b.is_ascii_alphabetic() {
+            let class = CLASS[usize::from(b)];
+            if class != LETTER {
+                if class == HIGH {
+                    return i;
+                }
                 // Between words, a break changes nothing but the colon flag.
-                if self.tok.is_empty() && is_plain_break(b) {
+                if class == BREAK && self.tok.is_empty() {
                     self.last_colon = false;
                 } else {
                     self.ascii(b);
@@ -364,34 +592,144 @@ impl Emitter<'_> {
             }
             // Runs of letters, the bulk of any text, are copied whole.
             let start = i;
-            while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
-                i += 1;
-            }
-            // A word of letters alone, between plain breaks, needs no
-            // cleaning: it goes straight to the word steps. (At the run's
-            // end the word may go on in a non-ASCII letter, so not there.)
-            let len = i - start;
-            if self.tok.is_empty()
-                && !self.last_colon
-                && len >= 2
-                && bytes.get(i).is_some_and(|&b| is_plain_break(b))
-            {
-                let mut w = std::mem::take(&mut self.plain);
-                w.clear();
-                w.push_str(&input[start..i]);
-                w.make_ascii_lowercase();
-                self.word_owned(&w);
-                self.plain = w;
+            i = letters_end(bytes, i + 1);
+            let letters = &bytes[start..i];
+            if !self.tok.is_empty() || self.last_colon {
+                if self.tok.is_empty() {
+                    self.tok_after_colon = self.last_colon;
+                }
+                self.tok
+                    .extend(letters.iter().map(|&c| char::from(c | 0x20)));
+                self.last_colon = false;
                 continue;
             }
-            if self.tok.is_empty() {
-                self.tok_after_colon = self.last_colon;
+            // A word of letters alone, between plain breaks, needs no
+            // cleaning: it is lowercased straight into the output and goes
+            // to the word steps there. (At the run's end the word may go on
+            // in a non-ASCII letter, so not there.)
+            match bytes.get(i) {
+                Some(&b) if is_plain_break(b) => {
+                    if letters.len() >= 2 {
+                        self.plain_word_at(bytes, start, i);
+                    } else {
+                        // A single letter waits: it may be one of `k i l l`.
+                        self.run.push(char::from(letters[0] | 0x20));
+                    }
+                }
+                Some(b'\'' | b'`') => i = self.apostrophe_word(bytes, start, i),
+                _ => {
+                    self.tok_after_colon = false;
+                    self.tok
+                        .extend(letters.iter().map(|&c| char::from(c | 0x20)));
+                }
             }
-            let at = self.tok.len();
-            self.tok.push_str(&input[start..i]);
-            self.tok[at..].make_ascii_lowercase();
-            self.last_colon = false;
         }
+        n
+    }
+
+    /// `i'm`, `don't`: letters with apostrophes (dropped) among them, from
+    /// `bytes[start..]`; an apostrophe is at `i`. Returns where it stops.
+    /// Between plain breaks this is a plain word; otherwise its letters
+    /// become the token being read, as the token path would have it.
+    fn apostrophe_word(&mut self, bytes: &[u8], start: usize, mut i: usize) -> usize {
+        let n = bytes.len();
+        let mut w = std::mem::take(&mut self.apos);
+        w.clear();
+        w.extend(bytes[start..i].iter().map(|&c| char::from(c | 0x20)));
+        loop {
+            while i < n && matches!(bytes[i], b'\'' | b'`') {
+                i += 1;
+            }
+            if i < n && CLASS[usize::from(bytes[i])] == LETTER {
+                let from = i;
+                i = letters_end(bytes, i + 1);
+                w.extend(bytes[from..i].iter().map(|&c| char::from(c | 0x20)));
+                if i < n && matches!(bytes[i], b'\'' | b'`') {
+                    continue;
+                }
+            }
+            break;
+        }
+        if i < n && is_plain_break(bytes[i]) {
+            if w.len() >= 2 {
+                self.plain_word(w.as_bytes());
+            } else {
+                self.run.push_str(&w);
+            }
+        } else {
+            self.tok_after_colon = false;
+            self.tok.push_str(&w);
+        }
+        self.apos = w;
+        i
+    }
+
+    /// Whether the next word needs a space before it.
+    #[inline]
+    fn needs_space(&self) -> bool {
+        self.hist_len > 0 || (self.base > 0 && self.out.last() != Some(&b' '))
+    }
+
+    /// A plain word of ASCII letters (two or more), not yet lowercased.
+    #[inline]
+    fn plain_word(&mut self, letters: &[u8]) {
+        let mark = self.out.len();
+        if self.needs_space() {
+            self.out.push(b' ');
+        }
+        let s = self.out.len();
+        self.out.extend(letters.iter().map(|&c| c | 0x20));
+        let h = hash(&self.out[s..]);
+        self.plain_written(mark, s, h);
+    }
+
+    /// `plain_word` of `bytes[start..end]`. A word of at most eight
+    /// letters with eight bytes of input from its start (nearly all) is
+    /// lowercased as one `u64`, written with one store and hashed as is.
+    #[inline]
+    fn plain_word_at(&mut self, bytes: &[u8], start: usize, end: usize) {
+        let len = end - start;
+        let chunk = match bytes.get(start..start + 8) {
+            Some(chunk) if (1..=8).contains(&len) => chunk,
+            _ => return self.plain_word(&bytes[start..end]),
+        };
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        // Letters only up to `end`: `| 0x20` lowercases each of them, and
+        // the mask clears what follows.
+        let mask = u64::MAX >> (64 - 8 * len);
+        let x = (u64::from_le_bytes(b) | 0x2020_2020_2020_2020) & mask;
+        let mark = self.out.len();
+        if self.needs_space() {
+            self.out.push(b' ');
+        }
+        let s = self.out.len();
+        self.out.extend_from_slice(&x.to_le_bytes());
+        self.out.truncate(s + len);
+        self.plain_written(mark, s, hash_short(len, x));
+    }
+
+    /// The plain word at `out[s..]` (hash `h`) is written, after a space
+    /// from `mark` if it needed one: drops it if a filler, else commits it.
+    #[inline]
+    fn plain_written(&mut self, mark: usize, s: usize, h: u64) {
+        let lex = self.vocab.lex(&self.out[s..], h);
+        if lex.flags & FILLER != 0 {
+            self.out.truncate(mark);
+            return;
+        }
+        if !self.run.is_empty() {
+            // Single letters held back for a spaced-out word go first.
+            let mut w = std::mem::take(&mut self.plain);
+            w.clear();
+            w.extend(self.out[s..].iter().map(|&c| char::from(c)));
+            self.out.truncate(mark);
+            self.flush_run();
+            self.commit(&w);
+            self.plain = w;
+            return;
+        }
+        self.committed(s, h, lex);
     }
 
     #[inline]
@@ -531,49 +869,101 @@ impl Emitter<'_> {
     }
 
     fn commit(&mut self, w: &str) {
-        let w = self.vocab.repair(w).unwrap_or(w);
-        if self.hist_len > 0 || (self.base > 0 && !self.out.ends_with(' ')) {
-            self.out.push(' ');
+        if self.needs_space() {
+            self.out.push(b' ');
         }
         let s = self.out.len();
-        self.out.push_str(w);
-        self.push_hist((s, self.out.len()));
+        self.out.extend_from_slice(w.as_bytes());
+        let h = hash(w.as_bytes());
+        let lex = self.vocab.lex(w.as_bytes(), h);
+        self.committed(s, h, lex);
+    }
+
+    /// The word at `out[s..]` (hash `h`, lexicon entry `lex`) is written:
+    /// repairs it and runs the steps that look back at earlier words.
+    #[inline]
+    fn committed(&mut self, s: usize, mut h: u64, mut lex: Lex) {
+        if lex.flags & TYPO != 0 {
+            self.repair_last(s, &mut h, &mut lex);
+        }
+        let l = self.hist_len;
+        // Nearly every word is no repeat (its hash differs from the word or
+        // pair before) and no half of a split target (flags): then none of
+        // the look-back steps can change anything.
+        let maybe = l >= 1 && {
+            let prev = self.hist(l - 1);
+            prev.hash == h
+                || (prev.lex.flags & LEFT != 0 && lex.flags & RIGHT != 0)
+                || (l >= 3 && self.hist(l - 2).hash == h)
+        };
+        self.push_hist(Tok {
+            s,
+            e: self.out.len(),
+            hash: h,
+            lex,
+        });
+        if maybe {
+            self.look_back();
+        }
+    }
+
+    #[cold]
+    fn look_back(&mut self) {
         while self.merge_split_word() || self.collapse_repeat(1) || self.collapse_repeat(2) {}
     }
 
-    fn push_hist(&mut self, r: (usize, usize)) {
+    #[cold]
+    fn repair_last(&mut self, s: usize, h: &mut u64, lex: &mut Lex) {
+        let Some(t) = self.vocab.targets.get(usize::from(lex.target)) else {
+            return;
+        };
+        self.out.truncate(s);
+        self.out.extend_from_slice(t.as_bytes());
+        *h = hash(t.as_bytes());
+        *lex = self.vocab.lex(t.as_bytes(), *h);
+    }
+
+    /// The `k`-th token of the history, oldest first.
+    #[inline]
+    fn hist(&self, k: usize) -> &Tok {
+        &self.hist[(self.head + k) % HIST]
+    }
+
+    #[inline]
+    fn push_hist(&mut self, t: Tok) {
+        if let Some(words) = &mut self.words {
+            words.push(WordRef {
+                s: t.s,
+                e: t.e,
+                code: code_of(t.lex),
+            });
+        }
         if self.hist_len == HIST {
-            self.hist.copy_within(1.., 0);
+            self.head = (self.head + 1) % HIST;
             self.hist_len -= 1;
         }
-        self.hist[self.hist_len] = r;
+        self.hist[(self.head + self.hist_len) % HIST] = t;
         self.hist_len += 1;
     }
 
-    /// Token equality, rejecting on length before comparing: this runs
-    /// after every word, and almost every pair differs early.
+    /// Token equality: the hashes turn nearly every pair away.
     #[inline]
     fn same_token(&self, i: usize, j: usize) -> bool {
-        let ((a, b), (c, d)) = (self.hist[i], self.hist[j]);
-        let out = self.out.as_bytes();
-        // By hand: for words this short a call into memcmp costs more.
-        b - a == d - c && out[a..b].iter().zip(&out[c..d]).all(|(x, y)| x == y)
-    }
-
-    fn tok_at(&self, i: usize) -> &str {
-        let (s, e) = self.hist[i];
-        &self.out[s..e]
+        let (x, y) = (self.hist(i), self.hist(j));
+        x.hash == y.hash && self.out[x.s..x.e] == self.out[y.s..y.e]
     }
 
     /// Drops the last token(s) from the output.
     fn pop(&mut self, n: usize) {
+        if let Some(words) = &mut self.words {
+            words.truncate(words.len().saturating_sub(n));
+        }
         self.hist_len -= n;
         let end = if self.hist_len == 0 {
             // Back to where this call began, minus the separator it added.
-            let (s, _) = self.hist[0];
-            s.saturating_sub(1).max(self.base)
+            self.hist(0).s.saturating_sub(1).max(self.base)
         } else {
-            self.hist[self.hist_len - 1].1
+            self.hist(self.hist_len - 1).e
         };
         self.out.truncate(end);
     }
@@ -585,19 +975,45 @@ impl Emitter<'_> {
         if self.hist_len < 2 {
             return false;
         }
-        let (a, b) = (
-            self.tok_at(self.hist_len - 2),
-            self.tok_at(self.hist_len - 1),
-        );
-        if !self.vocab.is_target_pair(a, b) {
+        let (a, b) = (*self.hist(self.hist_len - 2), *self.hist(self.hist_len - 1));
+        // Only a beginning and an end of a target can make one.
+        if a.lex.flags & LEFT == 0 || b.lex.flags & RIGHT == 0 {
             return false;
         }
-        let (s, _) = self.hist[self.hist_len - 2];
-        let (bs, be) = self.hist[self.hist_len - 1];
+        self.merge_slow(a, b)
+    }
+
+    #[cold]
+    fn merge_slow(&mut self, a: Tok, b: Tok) -> bool {
+        if !self
+            .vocab
+            .is_target_pair(&self.out[a.s..a.e], &self.out[b.s..b.e])
+        {
+            return false;
+        }
         // Remove the space between the two words.
-        self.out.replace_range(bs - 1..bs, "");
+        self.out.remove(b.s - 1);
         self.hist_len -= 1;
-        self.hist[self.hist_len - 1] = (s, be - 1);
+        let e = b.e - 1;
+        let h = hash(&self.out[a.s..e]);
+        let lex = self.vocab.lex(&self.out[a.s..e], h);
+        let k = (self.head + self.hist_len - 1) % HIST;
+        self.hist[k] = Tok {
+            s: a.s,
+            e,
+            hash: h,
+            lex,
+        };
+        if let Some(words) = &mut self.words {
+            words.pop();
+            if let Some(last) = words.last_mut() {
+                *last = WordRef {
+                    s: a.s,
+                    e,
+                    code: code_of(lex),
+                };
+            }
+        }
         true
     }
 
@@ -752,6 +1168,10 @@ pub fn is_normal_form(s: &str) -> bool {
 }
 
 #[cfg(test)]
+#[path = "normalize_reference.rs"]
+mod reference;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -763,6 +1183,38 @@ mod tests {
             ],
             ["ill", "skill", "kills", "suicida", "suicidas"],
         ))
+    }
+
+    #[test]
+    fn letters_end_table() {
+        let cases: &[(&str, usize, usize)] = &[
+            ("want to", 1, 4),
+            ("abcdefghijklmnopqrstuvwxyz ", 1, 26),
+            ("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 1, 26),
+            ("az@[`{AZ", 1, 2),
+            ("aaaaaaaa\u{e9}", 1, 8),
+            ("aaaaaaaaa\u{e9}", 1, 9),
+            ("x0123456789", 1, 1),
+            ("abcdefgh", 8, 8),
+            ("ab\x7fcdefghij", 1, 2),
+            ("abcdefg\tij", 1, 7),
+        ];
+        for (s, from, want) in cases {
+            assert_eq!(letters_end(s.as_bytes(), *from), *want, "{s:?}");
+        }
+        // Against the table, at every start, on every byte next to letters.
+        for b in 0..=255u8 {
+            let mut bytes = b"abcdefghijkl".to_vec();
+            for at in 1..bytes.len() {
+                let saved = bytes[at];
+                bytes[at] = b;
+                let slow = (1..bytes.len())
+                    .find(|&i| CLASS[usize::from(bytes[i])] != LETTER)
+                    .unwrap_or(bytes.len());
+                assert_eq!(letters_end(&bytes, 1), slow, "byte {b} at {at}");
+                bytes[at] = saved;
+            }
+        }
     }
 
     #[test]
@@ -839,6 +1291,180 @@ mod tests {
         ];
         for (t, w, want) in cases {
             assert_eq!(one_edit(t.as_bytes(), w.as_bytes()), *want, "{t} → {w}");
+        }
+    }
+
+    /// The shipped vocabulary, in the new normalizer and in the reference.
+    fn shipped() -> &'static (Normalizer, reference::Normalizer) {
+        use std::sync::OnceLock;
+        static N: OnceLock<(Normalizer, reference::Normalizer)> = OnceLock::new();
+        N.get_or_init(|| {
+            let rules = crate::tier1::RuleSet::builtin().expect("the shipped rules load");
+            let repair = || rules.repair.iter().map(String::as_str);
+            let known = || crate::tier1::matcher::known_words(&rules);
+            (
+                Normalizer::with_vocabulary(Vocabulary::new(repair(), known())),
+                reference::Normalizer::with_vocabulary(reference::Vocabulary::new(
+                    repair(),
+                    known(),
+                )),
+            )
+        })
+    }
+
+    /// Byte for byte what the reference normalizer writes, appended to
+    /// `prefix` as a stream's window would be.
+    fn same_as_reference(prefix: &str, s: &str) -> Result<(), TestCaseError> {
+        let (new, old) = shipped();
+        prop_assert_eq!(new.normalize(s), old.normalize(s), "input {:?}", s);
+        let (mut a, mut b) = (prefix.to_string(), prefix.to_string());
+        new.normalize_into(s, &mut a);
+        old.normalize_into(s, &mut b);
+        prop_assert_eq!(a, b, "input {:?} after {:?}", s, prefix);
+        Ok(())
+    }
+
+    /// Words that exercise every word step: fillers, typos and their
+    /// targets, halves of split targets, single letters, repeats, case,
+    /// leetspeak, apostrophes, emoji and look-alikes.
+    fn wordy() -> impl Strategy<Value = String> {
+        let words = prop::sample::select(vec![
+            "i",
+            "a",
+            "k",
+            "I",
+            "want",
+            "to",
+            "die",
+            "kill",
+            "kil",
+            "KIL",
+            "Kiil",
+            "myself",
+            "myslef",
+            "my",
+            "self",
+            "sui",
+            "cide",
+            "suicidel",
+            "sucidal",
+            "suicide",
+            "suicidal",
+            "um",
+            "Uh",
+            "mm",
+            "m",
+            "hmm",
+            "all",
+            "the",
+            "ill",
+            "skill",
+            "kills",
+            "life",
+            "lif",
+            "overdose",
+            "overdos",
+            "over",
+            "dose",
+            "hopeless",
+            "hope",
+            "less",
+            "burden",
+            "wrists",
+            "unalive",
+            "hanging",
+            "hang",
+            "ing",
+            "herself",
+            "her",
+            "himself",
+            "him",
+            "lethal",
+            "suicidarme",
+            "suicidio",
+            "pastillas",
+            "ahorcarme",
+            "k1ll",
+            "$elf",
+            "i'm",
+            "don’t",
+            "3pm",
+            "988",
+            ":pill:",
+            "\u{1F48A}",
+            "kіll",
+            "e",
+            "s",
+            "l",
+            "x",
+            "pill",
+            "pills",
+            "Myself",
+            "MY",
+            "SELF",
+            "wanttodie",
+            "killmyself",
+        ]);
+        let seps = prop::sample::select(vec![" ", "  ", ". ", ", ", "!", "?", "\n", "-", "'", ":"]);
+        prop::collection::vec((words, seps), 0..24).prop_map(|v| {
+            v.into_iter().fold(String::new(), |mut s, (w, sep)| {
+                s.push_str(w);
+                s.push_str(sep);
+                s
+            })
+        })
+    }
+
+    #[test]
+    fn lexicon_matches_repair_on_every_word_of_the_rules() {
+        let rules = crate::tier1::RuleSet::builtin().expect("the shipped rules load");
+        let (new, _) = shipped();
+        let v = &new.vocabulary;
+        for w in crate::tier1::matcher::known_words(&rules)
+            .chain(rules.repair.iter().map(String::as_str))
+        {
+            let lex = v.lex(w.as_bytes(), hash(w.as_bytes()));
+            let got = (lex.flags & TYPO != 0).then(|| &*v.targets[usize::from(lex.target)]);
+            assert_eq!(got, v.repair(w), "{w}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn same_as_reference_on_arbitrary_text(prefix in "[a-z]{0,6}( [a-z]{1,6}){0,3}", s in "\\PC*") {
+            same_as_reference(&prefix, &s)?;
+        }
+
+        #[test]
+        fn same_as_reference_on_words(prefix in "(|sui|my|kill|i|i want)", s in wordy()) {
+            same_as_reference(&prefix, &s)?;
+        }
+
+        #[test]
+        fn same_as_reference_on_texty_input(prefix in "(|my|k)", s in "[a-zA-Z0-9 '@$!|.,:\u{200B}\u{2019}\u{E9}\u{1F48A}]{0,60}") {
+            same_as_reference(&prefix, &s)?;
+        }
+
+        #[test]
+        fn typos_repair_as_the_reference_does(w in "[a-z]{3,11}", t in 0usize..25, p in 1usize..12, c in "[a-z]", op in 0u8..4) {
+            // Single edits of the shipped targets, and random words.
+            let (new, old) = shipped();
+            let targets = &new.vocabulary.targets;
+            let base = targets[t % targets.len()].to_string();
+            let mut b = base.clone().into_bytes();
+            let p = p.min(b.len() - 1).max(1);
+            match op {
+                0 => { b.remove(p); }
+                1 => { b.insert(p, c.as_bytes()[0]); }
+                2 => { b[p] = c.as_bytes()[0]; }
+                _ => if p + 1 < b.len() { b.swap(p, p + 1); },
+            }
+            let edited = String::from_utf8(b).expect("ascii");
+            for s in [&w, &edited, &format!("{edited} {w}"), &format!("{} {}", &edited[..p], &edited[p..])] {
+                prop_assert_eq!(new.normalize(s), old.normalize(s), "input {:?}", s);
+            }
         }
     }
 

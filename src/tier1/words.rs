@@ -5,42 +5,80 @@
 //! general map spends most of a lookup hashing through a `Hasher` and
 //! comparing keys through `memcmp`. This table hashes whole 8-byte chunks,
 //! keeps the full hash in each slot so a mismatch is rejected without
-//! touching the key, and compares the key only on a hash hit.
+//! touching the key, and compares the key only on a hash hit of a word
+//! longer than eight bytes: for shorter words the hash is a bijection of
+//! the word (see [`hash`]), so equal hashes and lengths are equal words.
 
-/// A slot; `hash == 0` marks it empty (real hashes have their low bit set).
-#[derive(Debug, Clone, Copy, Default)]
-struct Slot {
+/// A slot; `len == EMPTY` marks it empty.
+#[derive(Debug, Clone, Copy)]
+struct Slot<V> {
     hash: u64,
     at: u32,
     len: u32,
-    code: [u8; 2],
+    code: V,
 }
 
-/// Word → two-byte code. Built once; read-only afterwards.
+const EMPTY: u32 = u32::MAX;
+
+impl<V: Default> Default for Slot<V> {
+    fn default() -> Self {
+        Slot {
+            hash: 0,
+            at: 0,
+            len: EMPTY,
+            code: V::default(),
+        }
+    }
+}
+
+/// Word → a small value: the automaton's two-byte code in the matcher, the
+/// normalizer's word flags in its lexicon. Built once; read-only afterwards.
 #[derive(Debug, Clone, Default)]
-pub struct WordTable {
-    slots: Vec<Slot>,
+pub struct WordTable<V = [u8; 2]> {
+    slots: Vec<Slot<V>>,
     keys: Vec<u8>,
     len: usize,
 }
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
-fn hash(w: &[u8]) -> u64 {
+/// The table's hash of a word. Exposed so that a caller that keeps a
+/// word's hash (the normalizer, for repeats) computes it once.
+///
+/// For a word of at most eight bytes it is a bijection of the word given
+/// its length: the length is fixed, the word zero-padded to eight bytes is
+/// one `u64`, and each step (xor with a constant, multiplication by an odd
+/// constant, `h ^ (h >> 29)`) can be undone. So two such words of the same
+/// length are equal exactly when their hashes are.
+#[inline]
+pub fn hash(w: &[u8]) -> u64 {
     let mut h = w.len() as u64;
     let mut chunks = w.chunks_exact(8);
     for c in &mut chunks {
         let mut b = [0u8; 8];
         b.copy_from_slice(c);
-        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+        h = step(h, u64::from_le_bytes(b));
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
         let mut b = [0u8; 8];
         b[..rest.len()].copy_from_slice(rest);
-        h = (h.rotate_left(23) ^ u64::from_le_bytes(b)).wrapping_mul(K);
+        h = step(h, u64::from_le_bytes(b));
     }
-    (h ^ (h >> 29)) | 1
+    h ^ (h >> 29)
+}
+
+#[inline]
+fn step(h: u64, chunk: u64) -> u64 {
+    (h.rotate_left(23) ^ chunk).wrapping_mul(K)
+}
+
+/// `hash` of a word of 1 to 8 bytes given as one `u64` (little-endian,
+/// zero-padded), for a caller that already holds it that way.
+#[inline]
+pub fn hash_short(len: usize, chunk: u64) -> u64 {
+    let h = step(len as u64, chunk);
+    h ^ (h >> 29)
 }
 
 /// Byte equality without a call into `memcmp`, which costs more than the
@@ -50,7 +88,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
-impl WordTable {
+impl<V: Copy + Default> WordTable<V> {
     /// A table with room for `n` words at a load of at most one half.
     pub fn with_capacity(n: usize) -> Self {
         let size = (2 * n.max(4)).next_power_of_two();
@@ -65,39 +103,64 @@ impl WordTable {
         self.len
     }
 
-    fn key(&self, s: &Slot) -> &[u8] {
+    /// Every word and its value, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], V)> {
+        self.slots
+            .iter()
+            .filter(|s| s.len != EMPTY)
+            .map(|s| (self.key(s), s.code))
+    }
+
+    fn key(&self, s: &Slot<V>) -> &[u8] {
         &self.keys[s.at as usize..(s.at + s.len) as usize]
     }
 
     /// The slot holding `w`, or the empty slot where it would go.
+    #[inline]
     fn find(&self, w: &[u8], h: u64) -> usize {
         let mask = self.slots.len() - 1;
         // The high bits are the best mixed.
         let mut i = (h >> 40) as usize & mask;
         loop {
             let s = &self.slots[i];
-            if s.hash == 0 || (s.hash == h && same(self.key(s), w)) {
+            if s.len == EMPTY
+                || (s.hash == h
+                    && s.len as usize == w.len()
+                    && (w.len() <= 8 || same(self.key(s), w)))
+            {
                 return i;
             }
             i = (i + 1) & mask;
         }
     }
 
-    pub fn get(&self, w: &[u8]) -> Option<[u8; 2]> {
-        let s = &self.slots[self.find(w, hash(w))];
-        (s.hash != 0).then_some(s.code)
+    #[inline]
+    pub fn get(&self, w: &[u8]) -> Option<V> {
+        self.get_hashed(w, hash(w))
+    }
+
+    /// Like `get`, with `h == hash(w)` already known.
+    #[inline]
+    pub fn get_hashed(&self, w: &[u8], h: u64) -> Option<V> {
+        let s = &self.slots[self.find(w, h)];
+        (s.len != EMPTY).then_some(s.code)
     }
 
     /// Adds `w` with the code `make` gives it, unless already present;
     /// returns its code. Grows as needed.
-    pub fn insert_with(&mut self, w: &[u8], make: impl FnOnce(usize) -> [u8; 2]) -> [u8; 2] {
+    pub fn insert_with(&mut self, w: &[u8], make: impl FnOnce(usize) -> V) -> V {
+        *self.entry_with(w, make)
+    }
+
+    /// The value of `w`, added with the code `make` gives it if absent.
+    pub fn entry_with(&mut self, w: &[u8], make: impl FnOnce(usize) -> V) -> &mut V {
         if 2 * (self.len + 1) > self.slots.len() {
             self.grow();
         }
         let h = hash(w);
         let i = self.find(w, h);
-        if self.slots[i].hash != 0 {
-            return self.slots[i].code;
+        if self.slots[i].len != EMPTY {
+            return &mut self.slots[i].code;
         }
         let code = make(self.len);
         // Keys are words of rule phrases, far below 4 GiB in all.
@@ -109,16 +172,16 @@ impl WordTable {
         };
         self.keys.extend_from_slice(w);
         self.len += 1;
-        code
+        &mut self.slots[i].code
     }
 
     fn grow(&mut self) {
         let old = std::mem::take(&mut self.slots);
         self.slots = vec![Slot::default(); (old.len() * 2).max(8)];
-        for s in old.into_iter().filter(|s| s.hash != 0) {
+        for s in old.into_iter().filter(|s| s.len != EMPTY) {
             let mask = self.slots.len() - 1;
             let mut j = (s.hash >> 40) as usize & mask;
-            while self.slots[j].hash != 0 {
+            while self.slots[j].len != EMPTY {
                 j = (j + 1) & mask;
             }
             self.slots[j] = s;
@@ -146,6 +209,41 @@ mod tests {
         }
         for miss in ["", "w", "w5000", "w12345678901234567", "x1"] {
             assert_eq!(t.get(miss.as_bytes()), None, "{miss}");
+        }
+    }
+
+    #[test]
+    fn short_words_of_equal_hash_and_length_are_equal() {
+        // Neighbours in every byte, and words that differ only in padding.
+        let mut t = WordTable::with_capacity(4);
+        let base = b"abcdefgh";
+        for n in 0..=8 {
+            for i in 0..n {
+                for d in [1u8, 0x20, 0x80] {
+                    let mut w = base[..n].to_vec();
+                    w[i] ^= d;
+                    t.insert_with(&w, |_| [n as u8, i as u8]);
+                }
+            }
+        }
+        for n in 0..=8 {
+            assert_eq!(t.get(&base[..n]), None, "{n}");
+            let mut padded = base[..n].to_vec();
+            padded.push(0);
+            assert_eq!(t.get(&padded), None, "{n} padded");
+        }
+    }
+
+    #[test]
+    fn hash_short_is_hash() {
+        for w in ["ab", "i", "myself", "abcdefgh", "suicide", "zz"] {
+            let mut b = [0u8; 8];
+            b[..w.len()].copy_from_slice(w.as_bytes());
+            assert_eq!(
+                hash_short(w.len(), u64::from_le_bytes(b)),
+                hash(w.as_bytes()),
+                "{w}"
+            );
         }
     }
 
