@@ -120,6 +120,11 @@ pub struct StreamState {
     asked: Option<u16>,
     /// The automaton's state at the end of `window`, if it can be resumed.
     resume: Option<StateID>,
+    /// The spaced letters the last final ended with, as typed ("k i l"),
+    /// and how many of the window's last words they became: a run that
+    /// goes on in the next fragment is normalized again as one.
+    letters: String,
+    letter_words: u8,
 }
 
 impl StreamState {
@@ -132,6 +137,7 @@ impl StreamState {
         std::mem::size_of::<Self>()
             + self.window.capacity()
             + self.early.capacity() * std::mem::size_of::<(RuleIndex, Action)>()
+            + self.letters.capacity()
     }
 }
 
@@ -528,7 +534,29 @@ impl Matcher {
             } else {
                 Some(self.start)
             };
-            self.normalizer.normalize_words(text, buf, words);
+            let joined;
+            let mut input = text;
+            if old > 0 && !state.letters.is_empty() && starts_with_letter(text) {
+                // Spaced letters go on from the last fragment ("k i l" |
+                // "l m y s e l f"): what they became is taken back off the
+                // window and they are normalized again with the new text,
+                // as the whole text would be; the window's end is rescanned.
+                if let Some(cut) = last_words_start(buf, usize::from(state.letter_words)) {
+                    joined = format!("{} {text}", state.letters);
+                    input = &joined;
+                    buf.truncate(cut.saturating_sub(1));
+                    old = buf.len();
+                    resume = if old > 0 { None } else { Some(self.start) };
+                }
+            }
+            self.normalizer.normalize_words(input, buf, words);
+            if old > 0
+                && buf.len() > old
+                && let Some(at) = drop_boundary_repeats(buf, old, words)
+            {
+                old = at;
+                resume = None;
+            }
             // A word split across two fragments ("sui" | "cide") is one word.
             if old > 0 && buf.len() > old {
                 let joined = self.normalizer.join_split_at(buf, old + 1);
@@ -565,6 +593,7 @@ impl Matcher {
                 state.early.clear();
                 state.resume = end_state;
                 keep_tail(&mut state.window, buf);
+                self.remember_letters(state, input);
             } else {
                 for d in &mut found {
                     d.early = true;
@@ -575,6 +604,36 @@ impl Matcher {
             }
             found
         })
+    }
+
+    /// Keeps the single letters `text` ends with, as typed, and how many
+    /// words of the window they became.
+    fn remember_letters(&self, state: &mut StreamState, text: &str) {
+        state.letters.clear();
+        state.letter_words = 0;
+        let mut run: Vec<&str> = text
+            .split_whitespace()
+            .rev()
+            .take_while(|t| is_single_char(t))
+            .take(MAX_LETTER_RUN)
+            .collect();
+        if run.is_empty() {
+            return;
+        }
+        run.reverse();
+        let raw = run.join(" ");
+        let became = self.normalizer.normalize(&raw);
+        let words = if became.is_empty() {
+            0
+        } else {
+            became.split(' ').count()
+        };
+        // Only a run that is the window's end as written: anything the
+        // normalizer dropped or merged across it is not taken apart.
+        if words > 0 && state.window.ends_with(became.as_str()) {
+            state.letters = raw;
+            state.letter_words = u8::try_from(words).unwrap_or(u8::MAX);
+        }
     }
 
     /// Which screening question, if any, the agent's text asks.
@@ -905,6 +964,114 @@ fn joined_form(p: &str) -> Option<String> {
     }
     let j: String = p.split(' ').collect();
     (j.len() >= MIN_JOINED_LEN).then_some(j)
+}
+
+/// Longest run of spaced letters carried from one fragment to the next.
+const MAX_LETTER_RUN: usize = 24;
+
+fn is_single_char(t: &str) -> bool {
+    let mut c = t.chars();
+    c.next().is_some_and(char::is_alphanumeric) && c.next().is_none()
+}
+
+/// Whether `text` begins with a single letter or digit standing alone.
+fn starts_with_letter(text: &str) -> bool {
+    text.split_whitespace().next().is_some_and(is_single_char)
+}
+
+/// Where the last `k` words of normalized `buf` begin, if it has as many.
+fn last_words_start(buf: &str, k: usize) -> Option<usize> {
+    if k == 0 {
+        return None;
+    }
+    let mut start = buf.len();
+    for _ in 0..k {
+        let before = buf[..start].trim_end_matches(' ');
+        start = before.rfind(' ').map_or(0, |i| i + 1);
+        if before.is_empty() {
+            return None;
+        }
+    }
+    Some(start)
+}
+
+/// Drops the words at the start of the new text (`buf[old..]`, after its
+/// separating space) that repeat the window's last word or last two, as
+/// the normalizer collapses repeats within one text ("wanna" | "wanna
+/// live"); the window is not touched, so its automaton state holds. A
+/// pair repeated across the seam ("all the all" | "the pills") loses the
+/// window's last word instead: then returns where the window now ends, to
+/// be rescanned from.
+fn drop_boundary_repeats(buf: &mut String, old: usize, words: &mut Vec<WordRef>) -> Option<usize> {
+    let mut back = buf[..old].rsplit(' ');
+    let (last, prev, third) = (back.next(), back.next(), back.next());
+    let mut dropped = 0;
+    let mut straddle = false;
+    loop {
+        let new_part = &buf[old + 1 + dropped..];
+        let mut it = new_part.split(' ');
+        let (n0, n1) = (it.next().filter(|w| !w.is_empty()), it.next());
+        let take = match (n0, n1) {
+            (Some(a), _) if Some(a) == last => a.len(),
+            (Some(a), Some(b)) if Some(a) == prev && Some(b) == last => a.len() + 1 + b.len(),
+            (Some(a), _) if dropped == 0 && Some(a) == prev && last == third => {
+                straddle = true;
+                a.len()
+            }
+            _ => break,
+        };
+        dropped += (take + 1).min(new_part.len());
+        if straddle {
+            break;
+        }
+    }
+    if dropped == 0 {
+        // "x" + "y x y …" is "x y x y …": the pair collapses to "x y …".
+        let new_part = &buf[old + 1..];
+        let mut it = new_part.split(' ');
+        if let (Some(a), Some(b), Some(c)) = (it.next(), it.next(), it.next())
+            && Some(b) == last
+            && c == a
+            && !a.is_empty()
+        {
+            let (from, to) = (
+                old + 1 + a.len(),
+                old + 1 + a.len() + 1 + b.len() + 1 + c.len(),
+            );
+            buf.replace_range(from..to, "");
+            let gone = to - from;
+            words.retain(|w| w.s < from || w.s >= to);
+            for w in words.iter_mut().filter(|w| w.s >= to) {
+                w.s -= gone;
+                w.e -= gone;
+            }
+        }
+        return None;
+    }
+    let (from, to) = (old + 1, (old + 1 + dropped).min(buf.len()));
+    buf.replace_range(from..to, "");
+    if buf.len() == old + 1 {
+        // Nothing new is left: no separator either.
+        buf.truncate(old);
+    }
+    let gone = to - from;
+    words.retain(|w| w.s >= to);
+    for w in words.iter_mut() {
+        w.s -= gone;
+        w.e -= gone;
+    }
+    if !straddle {
+        return None;
+    }
+    // "x y x" + "y …" is "x y x y …": the pair collapses to "x y …".
+    let cut = buf[..old].rfind(' ')?;
+    buf.replace_range(cut..old, "");
+    let removed = old - cut;
+    for w in words.iter_mut() {
+        w.s -= removed;
+        w.e -= removed;
+    }
+    Some(buf[..cut].rfind(' ').map_or(0, |i| i + 1).min(cut))
 }
 
 /// Keeps the last words of `buf` in `window`, bounded in words and bytes.
