@@ -364,7 +364,14 @@ pub struct SqliteStore {
         )>,
     >,
     reader: SqlitePool,
+    /// The database's folder, whose free space the probe checks.
+    dir: std::path::PathBuf,
 }
+
+/// Below this much free space on the database's disk the store reports
+/// itself unable to take escalations: a write that only updates pages in
+/// place still succeeds on a full disk, one that adds a row may not.
+pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
 
 /// How often the WAL is copied into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -466,6 +473,11 @@ impl SqliteStore {
             directives.clone(),
         ));
         Ok(SqliteStore {
+            dir: path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
             pages,
             directives,
             jobs: Mutex::new(Some(tx)),
@@ -525,6 +537,14 @@ async fn write_loop(
                 let message = e.to_string();
                 for d in done {
                     d.fail("commit", &message);
+                }
+                // After a failed COMMIT (a full disk), SQLite may have rolled
+                // the transaction back while sqlx still counts it open: the
+                // next group would then run in a savepoint of a transaction
+                // nobody commits, answered as written and lost. A new
+                // connection starts with no transaction at all.
+                if let Ok(conn) = pool.acquire().await {
+                    let _ = conn.close().await;
                 }
             }
         }
@@ -1801,7 +1821,21 @@ impl Store for SqliteStore {
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        self.submit(|reply| Job::Probe { reply }).await
+        self.submit(|reply| Job::Probe { reply }).await?;
+        let dir = self.dir.clone();
+        let free = tokio::task::spawn_blocking(move || {
+            rustix::fs::statvfs(&dir).map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        })
+        .await
+        .map_err(|e| corrupt("probing", e.to_string()))?
+        .map_err(|e| corrupt("probing", format!("free space: {e}")))?;
+        if free < MIN_FREE_BYTES {
+            return Err(corrupt(
+                "probing",
+                format!("{free} bytes free on the database's disk, less than {MIN_FREE_BYTES}"),
+            ));
+        }
+        Ok(())
     }
 
     fn directives_signal(&self) -> tokio::sync::watch::Receiver<u64> {
