@@ -57,3 +57,21 @@ proptest! {
         }
     }
 }
+
+/// Inputs the fuzzer (`scripts/fuzz`) found breaking a property, kept as
+/// rows: (input, its normal form).
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let cases: &[(&str, &str)] = &[
+        // A split word merged at the end of a repeated pair: the repeat
+        // must still collapse (the history once held too few words).
+        ("kll mself kll mys\u{1}elf", "kill myself"),
+        ("kill myself kill mys elf", "kill myself"),
+    ];
+    let n = matcher().normalizer();
+    for (input, want) in cases {
+        let once = n.normalize(input);
+        assert_eq!(&once, want, "{input:?}");
+        assert_eq!(n.normalize(&once), once, "idempotent: {input:?}");
+    }
+}

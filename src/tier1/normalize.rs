@@ -43,8 +43,10 @@ use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 use super::words::{WordTable, hash, hash_short};
 
 /// Tokens of history kept while normalizing one text (a power of two: the
-/// history is a ring).
-const HIST: usize = 4;
+/// history is a ring). Four are not enough: a split word merged at the end
+/// of a repeated pair ("kill myself kill mys elf") leaves the pair's first
+/// half out of reach, and the repeat uncollapsed (found by fuzzing).
+const HIST: usize = 8;
 
 /// Byte classes of ASCII for the single pass; every byte from 0x80 up is
 /// `HIGH` and leaves the pass for NFKC.

@@ -10,7 +10,7 @@ use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
 /// Tokens of history kept while normalizing one text.
-const HIST: usize = 4;
+const HIST: usize = 8;
 
 /// An ASCII byte that ends a word and means nothing else: not a letter or
 /// digit, not an apostrophe (dropped inside words), not a symbol that may
