@@ -24,18 +24,31 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget, Recorded,
-    RepagePolicy, Store, StoreError,
+    Dedup, Delivery, Escalated, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget,
+    Recorded, RepagePolicy, Store, StoreError, retarget,
 };
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
-use crate::escalation::{Directive, Escalation, Handling, Origin, now_ms};
+use crate::escalation::{Directive, Escalation, Handling, Open, Origin, now_ms};
 use crate::ids::{EscalationId, MessageId, PatientId, PracticeId};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 6;
 
-/// Each step takes the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4];
+/// Each step takes the schema from its index to the next version. The
+/// PostgreSQL store has the same versions with the same meaning.
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, SCHEMA_6];
+
+/// Version 6: pages are claimed for a lease before they are sent, so that
+/// two pagers (replicas, on PostgreSQL) never send the same page and one
+/// that dies holding a claim loses it when the lease runs out.
+const SCHEMA_6: &str = r#"
+ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+ALTER TABLE outbox ADD COLUMN claimed_until_ms INTEGER;
+"#;
+
+/// Version 5 is reserved for Tier 3 (issue 6, on main), which fills it in;
+/// until then it changes nothing, so that version 6 keeps its number.
+const SCHEMA_5: &str = "SELECT 1;";
 
 /// Version 4: a patient's open escalation is looked up before every new
 /// one (one page per patient); without this it scanned the practice.
@@ -147,15 +160,23 @@ enum Job {
     Escalate {
         write: EscalationWrite,
         audit: AuditEvent,
-        reply: Reply<()>,
+        reply: Reply<Escalated>,
     },
     Message {
         message: String,
-        escalation_id: Option<String>,
-        directive: Option<String>,
+        verdict: MessageVerdict,
         write: Option<EscalationWrite>,
         audit: Vec<AuditEvent>,
-        reply: Reply<Recorded>,
+        reply: Reply<(Recorded, Option<Escalated>)>,
+    },
+    Claim {
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+        reply: Reply<Vec<Page>>,
+    },
+    ReleaseClaims {
+        reply: Reply<u64>,
     },
     Audit {
         event: AuditEvent,
@@ -194,39 +215,62 @@ enum Job {
     },
 }
 
-/// A job's outcome, sent once its group has committed.
-enum Done {
-    Unit(Reply<()>, Result<(), StoreError>),
-    Recorded(Reply<Recorded>, Result<Recorded, StoreError>),
-    Value(Reply<u64>, Result<u64, StoreError>),
+/// Where a job's answer goes.
+enum JobReply {
+    Unit(Reply<()>),
+    Value(Reply<u64>),
+    Escalated(Reply<Escalated>),
+    Message(Reply<(Recorded, Option<Escalated>)>),
+    Pages(Reply<Vec<Page>>),
 }
+
+/// What a job produced.
+enum Out {
+    Unit,
+    Value(u64),
+    Escalated(Escalated),
+    Message(Recorded, Option<Escalated>),
+    Pages(Vec<Page>),
+}
+
+/// A job's outcome, sent once its group has committed.
+struct Done(JobReply, Result<Out, StoreError>);
 
 impl Done {
     fn fail(self, op: &'static str, message: &str) {
-        let e = || corrupt(op, message.to_string());
-        match self {
-            Done::Unit(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-            Done::Recorded(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-            Done::Value(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-        }
+        Done(self.0, Err(corrupt(op, message.to_string()))).send();
     }
 
     fn send(self) {
-        match self {
-            Done::Unit(r, v) => {
-                let _ = r.send(v);
+        let mismatch = || corrupt("write", "internal: a job's answer of the wrong kind");
+        // A receiver gone (the caller gave up) is not an error here.
+        match (self.0, self.1) {
+            (JobReply::Unit(r), v) => {
+                let _ = r.send(v.map(|_| ()));
             }
-            Done::Recorded(r, v) => {
-                let _ = r.send(v);
+            (JobReply::Value(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Value(n) => Ok(n),
+                    _ => Err(mismatch()),
+                }));
             }
-            Done::Value(r, v) => {
-                let _ = r.send(v);
+            (JobReply::Escalated(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Escalated(e) => Ok(e),
+                    _ => Err(mismatch()),
+                }));
+            }
+            (JobReply::Message(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Message(rec, e) => Ok((rec, e)),
+                    _ => Err(mismatch()),
+                }));
+            }
+            (JobReply::Pages(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Pages(p) => Ok(p),
+                    _ => Err(mismatch()),
+                }));
             }
         }
     }
@@ -346,6 +390,14 @@ impl SqliteStore {
         })
     }
 
+    /// Releases every page claim. Only the serving process may call it, at
+    /// start: one process serves a SQLite file, so a claim found then was
+    /// left by one that died, and its pages go out now rather than after
+    /// the lease.
+    pub async fn release_claims(&self) -> Result<u64, StoreError> {
+        self.submit(|reply| Job::ReleaseClaims { reply }).await
+    }
+
     async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let tx = self.jobs.lock().await.clone();
@@ -438,42 +490,34 @@ async fn commit_group(
                 .await
                 .map_err(db("savepoint"))?;
         }
-        done.push(match (reply, outcome) {
-            (JobReply::Unit(r), o) => Done::Unit(r, o.map(|_| ())),
-            (JobReply::Recorded(r), o) => Done::Recorded(r, o.map(|(rec, _)| rec)),
-            (JobReply::Value(r), o) => Done::Value(r, o.map(|(_, v)| v)),
-        });
+        done.push(Done(reply, outcome));
     }
     tx.commit().await.map_err(db("commit"))?;
     Ok(h)
 }
 
-enum JobReply {
-    Unit(Reply<()>),
-    Recorded(Reply<Recorded>),
-    Value(Reply<u64>),
-}
-
 fn job_reply(job: Job) -> Done {
-    let e = Ok(());
-    match job {
-        Job::Escalate { reply, .. }
-        | Job::Audit { reply, .. }
+    let reply = match job {
+        Job::Audit { reply, .. }
         | Job::PageDelivered { reply, .. }
         | Job::PageFailed { reply, .. }
-        | Job::PageBackup { reply, .. } => Done::Unit(reply, e),
-        Job::Message { reply, .. } => Done::Recorded(reply, Ok(Recorded::New)),
-        Job::Handle { reply, .. } | Job::Repage { reply, .. } => Done::Value(reply, Ok(0)),
-    }
+        | Job::PageBackup { reply, .. } => JobReply::Unit(reply),
+        Job::Escalate { reply, .. } => JobReply::Escalated(reply),
+        Job::Message { reply, .. } => JobReply::Message(reply),
+        Job::Claim { reply, .. } => JobReply::Pages(reply),
+        Job::Handle { reply, .. } | Job::Repage { reply, .. } | Job::ReleaseClaims { reply } => {
+            JobReply::Value(reply)
+        }
+    };
+    Done(reply, Ok(Out::Unit))
 }
 
-/// Runs one job inside the group's transaction. `Ok(Recorded)` for every
-/// job that wrote (messages may be duplicates).
+/// Runs one job inside the group's transaction.
 async fn run_job(
     tx: &mut Transaction<'_, Sqlite>,
     head: &mut Head,
     job: Job,
-) -> (JobReply, Result<(Recorded, u64), StoreError>) {
+) -> (JobReply, Result<Out, StoreError>) {
     match job {
         Job::Escalate {
             write,
@@ -481,54 +525,91 @@ async fn run_job(
             reply,
         } => {
             let r = async {
-                write_escalation(tx, &write).await?;
-                *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
-                Ok(Recorded::New)
+                let mut audit = vec![audit];
+                let done = write_escalation(tx, &write, &mut audit, None).await?;
+                *head = append_audit(tx, head, &audit).await?;
+                Ok(Out::Escalated(done))
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Escalated(reply), r)
         }
         Job::Audit { event, reply } => {
             let r = async {
                 *head = append_audit(tx, head, std::slice::from_ref(&event)).await?;
-                Ok(Recorded::New)
+                Ok(Out::Unit)
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
+        }
+        Job::Claim {
+            now_ms: now,
+            lease_ms,
+            limit,
+            reply,
+        } => {
+            let r = claim(tx, now, lease_ms, limit).await.map(Out::Pages);
+            (JobReply::Pages(reply), r)
+        }
+        Job::ReleaseClaims { reply } => {
+            let r = sqlx::query(
+                "UPDATE outbox SET claimed_by = NULL, claimed_until_ms = NULL
+                 WHERE claimed_by IS NOT NULL AND delivered_at_ms IS NULL",
+            )
+            .execute(&mut **tx)
+            .await
+            .map(|r| Out::Value(r.rows_affected()))
+            .map_err(db("releasing page claims"));
+            (JobReply::Value(reply), r)
         }
         Job::Message {
             message,
-            escalation_id,
-            directive,
+            mut verdict,
             write,
-            audit,
+            mut audit,
             reply,
         } => {
             let r = async {
-                let inserted = sqlx::query(
+                // The only writer: nothing can record this id between this
+                // check and the insert below.
+                let seen: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM messages WHERE message_id = ?")
+                        .bind(&message)
+                        .fetch_optional(&mut **tx)
+                        .await
+                        .map_err(db("recording a message"))?;
+                if seen.is_some() {
+                    // Seen before: the first verdict stands, nothing changes.
+                    return Ok(Out::Message(Recorded::Duplicate, None));
+                }
+                // The escalation before the verdict: a dedup retargets it.
+                let done = match &write {
+                    Some(write) => {
+                        Some(write_escalation(tx, write, &mut audit, Some(&mut verdict)).await?)
+                    }
+                    None => None,
+                };
+                let directive = verdict
+                    .directive
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| corrupt("recording a message", e.to_string()))?;
+                sqlx::query(
                     "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
-                     VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                     VALUES (?, ?, ?, ?)",
                 )
                 .bind(&message)
-                .bind(escalation_id)
+                .bind(verdict.escalation_id.map(|e| e.to_string()))
                 .bind(directive)
                 .bind(now_ms())
                 .execute(&mut **tx)
                 .await
-                .map_err(db("recording a message"))?
-                .rows_affected();
-                if inserted == 0 {
-                    // Seen before: the first verdict stands, nothing changes.
-                    return Ok(Recorded::Duplicate);
-                }
-                if let Some(write) = &write {
-                    write_escalation(tx, write).await?;
-                }
+                .map_err(db("recording a message"))?;
                 *head = append_audit(tx, head, &audit).await?;
-                Ok(Recorded::New)
+                Ok(Out::Message(Recorded::New, done))
             }
             .await;
-            (JobReply::Recorded(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Message(reply), r)
         }
         Job::PageDelivered {
             delivery,
@@ -538,7 +619,8 @@ async fn run_job(
             let r = async {
                 sqlx::query(
                     "UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1,
-                         clinician_id = ?, provider_message_id = ?
+                         clinician_id = ?, provider_message_id = ?,
+                         claimed_by = NULL, claimed_until_ms = NULL
                      WHERE id = ?",
                 )
                 .bind(delivery.at_ms)
@@ -549,10 +631,10 @@ async fn run_job(
                 .await
                 .map_err(db("marking a page delivered"))?;
                 *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
-                Ok(Recorded::New)
+                Ok(Out::Unit)
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::PageFailed {
             page,
@@ -560,15 +642,17 @@ async fn run_job(
             reply,
         } => {
             let r = sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ? WHERE id = ?",
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ?,
+                     claimed_by = NULL, claimed_until_ms = NULL
+                 WHERE id = ?",
             )
             .bind(retry_at_ms)
             .bind(page)
             .execute(&mut **tx)
             .await
-            .map(|_| Recorded::New)
+            .map(|_| Out::Unit)
             .map_err(db("marking a page failed"));
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::Handle {
             id,
@@ -623,7 +707,7 @@ async fn run_job(
                     .map_err(db("cancelling pages"))?;
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, u64::from(exists.is_some())))
+                Ok(Out::Value(u64::from(exists.is_some())))
             }
             .await;
             (JobReply::Value(reply), r)
@@ -684,7 +768,7 @@ async fn run_job(
                     };
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, due.len() as u64))
+                Ok(Out::Value(due.len() as u64))
             }
             .await;
             (JobReply::Value(reply), r)
@@ -723,7 +807,7 @@ async fn run_job(
                     .map_err(db("queueing a backup page"))?;
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, 0))
+                Ok(Out::Unit)
             }
             .await;
             (JobReply::Unit(reply), r)
@@ -799,77 +883,210 @@ async fn append_audit(
     Ok(Head { seq, hash })
 }
 
+/// The patient's most recent escalation still open or acknowledged and
+/// created since `since_ms`; read inside the writer's transaction, so
+/// nothing can open another for the patient before this write commits.
+async fn open_in_tx(
+    tx: &mut Transaction<'_, Sqlite>,
+    e: &Escalation,
+    since_ms: i64,
+) -> Result<Option<Open>, StoreError> {
+    const OP: &str = "finding the patient's open escalation";
+    let Some(r) = sqlx::query(OPEN_FOR_PATIENT)
+        .bind(e.practice.as_str())
+        .bind(e.patient.expose())
+        .bind(since_ms)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db(OP))?
+    else {
+        return Ok(None);
+    };
+    open_from_row(&r, OP).map(Some)
+}
+
+const OPEN_FOR_PATIENT: &str = "SELECT id, severity FROM escalations
+     WHERE practice_id = ? AND patient_id = ? AND state IN ('open', 'acknowledged')
+       AND created_at_ms >= ?
+     ORDER BY created_at_ms DESC LIMIT 1";
+
+fn open_from_row(r: &SqliteRow, op: &'static str) -> Result<Open, StoreError> {
+    let id: String = r.try_get("id").map_err(db(op))?;
+    let sev: i64 = r.try_get("severity").map_err(db(op))?;
+    Ok(Open {
+        id: EscalationId::parse(&id).map_err(|_| corrupt(op, "bad escalation id"))?,
+        severity: Severity::from_code(sev).ok_or_else(|| corrupt(op, "bad severity"))?,
+    })
+}
+
+/// Writes an escalation (or attaches it to the patient's open one, see
+/// [`EscalationWrite::CreateUnlessOpen`]); `audit` and `verdict` are
+/// retargeted to match.
 async fn write_escalation(
     tx: &mut Transaction<'_, Sqlite>,
     write: &EscalationWrite,
-) -> Result<(), StoreError> {
-    let now = now_ms();
+    audit: &mut Vec<AuditEvent>,
+    verdict: Option<&mut MessageVerdict>,
+) -> Result<Escalated, StoreError> {
     match write {
-        EscalationWrite::Create(e) => {
-            sqlx::query(
-                "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
-                     rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.id.to_string())
-            .bind(e.practice.as_str())
-            .bind(e.patient.expose())
-            .bind(e.origin.id())
-            .bind(e.origin.channel())
-            .bind(e.tier.code())
-            .bind(&e.rule_id)
-            .bind(&e.reason_code)
-            .bind(e.severity.code())
-            .bind(e.state.as_str())
-            .bind(&e.utterance_id)
-            .bind(e.created_at_ms)
-            .bind(now)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("recording an escalation"))?;
-            sqlx::query(
-                "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(e.id.to_string())
-            .bind(e.severity.code())
-            .bind(e.practice.as_str())
-            .bind(now)
-            .bind(now)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("queueing a page"))?;
-        }
-        EscalationWrite::Raise { id, severity } => {
-            let practice: Option<String> = sqlx::query_scalar(
-                "UPDATE escalations SET severity = ?, updated_at_ms = ?
-                 WHERE id = ? AND severity < ? RETURNING practice_id",
-            )
-            .bind(severity.code())
-            .bind(now)
-            .bind(id.to_string())
-            .bind(severity.code())
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db("raising an escalation"))?;
-            // Already at or above this severity: nothing to page again.
-            if let Some(practice) = practice {
-                sqlx::query(
-                    "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(id.to_string())
-                .bind(severity.code())
-                .bind(practice)
-                .bind(now)
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .map_err(db("queueing a page"))?;
+        EscalationWrite::Create(e) => create(tx, e).await,
+        EscalationWrite::Raise { id, severity } => raise(tx, *id, *severity).await,
+        EscalationWrite::CreateUnlessOpen {
+            escalation,
+            since_ms,
+        } => {
+            let open = open_in_tx(tx, escalation, *since_ms).await?;
+            let dedup = Dedup::decide(open, escalation.severity);
+            retarget(audit, verdict, escalation.id, &dedup);
+            match dedup {
+                Dedup::Create => create(tx, escalation).await,
+                Dedup::Attach(o) => Ok(Escalated::Attached(o)),
+                Dedup::Raise(o) => raise(tx, o.id, escalation.severity).await,
             }
         }
     }
-    Ok(())
+}
+
+async fn create(tx: &mut Transaction<'_, Sqlite>, e: &Escalation) -> Result<Escalated, StoreError> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
+             rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.practice.as_str())
+    .bind(e.patient.expose())
+    .bind(e.origin.id())
+    .bind(e.origin.channel())
+    .bind(e.tier.code())
+    .bind(&e.rule_id)
+    .bind(&e.reason_code)
+    .bind(e.severity.code())
+    .bind(e.state.as_str())
+    .bind(&e.utterance_id)
+    .bind(e.created_at_ms)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("recording an escalation"))?;
+    sqlx::query(
+        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.severity.code())
+    .bind(e.practice.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("queueing a page"))?;
+    Ok(Escalated::Created(Open {
+        id: e.id,
+        severity: e.severity,
+    }))
+}
+
+async fn raise(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: EscalationId,
+    severity: Severity,
+) -> Result<Escalated, StoreError> {
+    let now = now_ms();
+    let practice: Option<String> = sqlx::query_scalar(
+        "UPDATE escalations SET severity = ?, updated_at_ms = ?
+         WHERE id = ? AND severity < ? RETURNING practice_id",
+    )
+    .bind(severity.code())
+    .bind(now)
+    .bind(id.to_string())
+    .bind(severity.code())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db("raising an escalation"))?;
+    let open = Open { id, severity };
+    // Already at or above this severity: nothing to page again.
+    let Some(practice) = practice else {
+        return Ok(Escalated::Attached(open));
+    };
+    sqlx::query(
+        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(severity.code())
+    .bind(practice)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("queueing a page"))?;
+    Ok(Escalated::Raised(open))
+}
+
+const PAGE_COLUMNS: &str = "o.id, o.escalation_id, o.severity, o.practice_id, o.attempts,
+     o.created_at_ms, o.target, o.backup_queued, e.tier, e.patient_id";
+
+/// Claims up to `limit` due, unclaimed pages for this process. The only
+/// writer: the rows read are the rows claimed, nothing moves between.
+async fn claim(
+    tx: &mut Transaction<'_, Sqlite>,
+    now: i64,
+    lease_ms: i64,
+    limit: u32,
+) -> Result<Vec<Page>, StoreError> {
+    const OP: &str = "claiming due pages";
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PAGE_COLUMNS} FROM outbox o JOIN escalations e ON e.id = o.escalation_id
+         WHERE {CLAIMABLE} ORDER BY o.next_attempt_at_ms, o.id LIMIT ?2"
+    )))
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE outbox SET claimed_by = 'sqlite', claimed_until_ms = ?3
+         WHERE id IN (SELECT o.id FROM outbox o WHERE {CLAIMABLE}
+                      ORDER BY o.next_attempt_at_ms, o.id LIMIT ?2)"
+    )))
+    .bind(now)
+    .bind(i64::from(limit))
+    .bind(now.saturating_add(lease_ms))
+    .execute(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    rows.iter().map(|r| page_from_row(r, OP)).collect()
+}
+
+/// Due, undelivered and unclaimed (or the claim's lease ran out) at ?1.
+const CLAIMABLE: &str = "o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?1
+     AND (o.claimed_until_ms IS NULL OR o.claimed_until_ms <= ?1)";
+
+fn page_from_row(r: &SqliteRow, op: &'static str) -> Result<Page, StoreError> {
+    let esc: String = r.try_get("escalation_id").map_err(db(op))?;
+    let sev: i64 = r.try_get("severity").map_err(db(op))?;
+    let tier: i64 = r.try_get("tier").map_err(db(op))?;
+    let patient: String = r.try_get("patient_id").map_err(db(op))?;
+    Ok(Page {
+        id: r.try_get("id").map_err(db(op))?,
+        escalation_id: EscalationId::parse(&esc).map_err(|_| corrupt(op, "bad escalation id"))?,
+        severity: Severity::from_code(sev).ok_or_else(|| corrupt(op, "bad severity"))?,
+        tier: Tier::from_code(tier).ok_or_else(|| corrupt(op, "bad tier"))?,
+        practice: r.try_get("practice_id").map_err(db(op))?,
+        patient: PatientId::parse(&patient).map_err(|_| corrupt(op, "bad patient id"))?,
+        attempts: r.try_get("attempts").map_err(db(op))?,
+        created_at_ms: r.try_get("created_at_ms").map_err(db(op))?,
+        target: match r.try_get::<String, _>("target").map_err(db(op))?.as_str() {
+            "backup" => PageTarget::Backup,
+            _ => PageTarget::Primary,
+        },
+        backup_queued: r.try_get::<i64, _>("backup_queued").map_err(db(op))? != 0,
+    })
 }
 
 fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
@@ -916,7 +1133,11 @@ fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError> {
+    async fn escalate(
+        &self,
+        write: EscalationWrite,
+        audit: AuditEvent,
+    ) -> Result<Escalated, StoreError> {
         self.submit(|reply| Job::Escalate {
             write,
             audit,
@@ -931,18 +1152,10 @@ impl Store for SqliteStore {
         verdict: &MessageVerdict,
         write: Option<EscalationWrite>,
         audit: Vec<AuditEvent>,
-    ) -> Result<Recorded, StoreError> {
-        let directive = match &verdict.directive {
-            Some(d) => Some(
-                serde_json::to_string(d)
-                    .map_err(|e| corrupt("recording a message", e.to_string()))?,
-            ),
-            None => None,
-        };
+    ) -> Result<(Recorded, Option<Escalated>), StoreError> {
         self.submit(|reply| Job::Message {
             message: message.as_str().to_string(),
-            escalation_id: verdict.escalation_id.map(|e| e.to_string()),
-            directive,
+            verdict: verdict.clone(),
             write,
             audit,
             reply,
@@ -1057,44 +1270,44 @@ impl Store for SqliteStore {
 
     async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError> {
         const OP: &str = "reading due pages";
-        let rows = sqlx::query(
-            "SELECT o.id, o.escalation_id, o.severity, o.practice_id, o.attempts, o.created_at_ms,
-                    o.target, o.backup_queued, e.tier, e.patient_id
-             FROM outbox o JOIN escalations e ON e.id = o.escalation_id
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {PAGE_COLUMNS} FROM outbox o JOIN escalations e ON e.id = o.escalation_id
              WHERE o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?
-             ORDER BY o.next_attempt_at_ms, o.id LIMIT ?",
-        )
+             ORDER BY o.next_attempt_at_ms, o.id LIMIT ?"
+        )))
         .bind(now_ms)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await
         .map_err(db(OP))?;
-        rows.iter()
-            .map(|r| {
-                let esc: String = r.try_get("escalation_id").map_err(db(OP))?;
-                let sev: i64 = r.try_get("severity").map_err(db(OP))?;
-                let tier: i64 = r.try_get("tier").map_err(db(OP))?;
-                let patient: String = r.try_get("patient_id").map_err(db(OP))?;
-                Ok(Page {
-                    id: r.try_get("id").map_err(db(OP))?,
-                    escalation_id: EscalationId::parse(&esc)
-                        .map_err(|_| corrupt(OP, "bad escalation id"))?,
-                    severity: Severity::from_code(sev)
-                        .ok_or_else(|| corrupt(OP, "bad severity"))?,
-                    tier: Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
-                    practice: r.try_get("practice_id").map_err(db(OP))?,
-                    patient: PatientId::parse(&patient)
-                        .map_err(|_| corrupt(OP, "bad patient id"))?,
-                    attempts: r.try_get("attempts").map_err(db(OP))?,
-                    created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
-                    target: match r.try_get::<String, _>("target").map_err(db(OP))?.as_str() {
-                        "backup" => PageTarget::Backup,
-                        _ => PageTarget::Primary,
-                    },
-                    backup_queued: r.try_get::<i64, _>("backup_queued").map_err(db(OP))? != 0,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| page_from_row(r, OP)).collect()
+    }
+
+    async fn claim_pages(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Page>, StoreError> {
+        // Most polls find nothing: asking the reader first keeps them off
+        // the writer, where escalations wait their turn.
+        let any: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM outbox o WHERE {CLAIMABLE} LIMIT 1"
+        )))
+        .bind(now_ms)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db("claiming due pages"))?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        self.submit(|reply| Job::Claim {
+            now_ms,
+            lease_ms,
+            limit,
+            reply,
+        })
+        .await
     }
 
     async fn page_delivered(
@@ -1192,27 +1405,18 @@ impl Store for SqliteStore {
         since_ms: i64,
     ) -> Result<Option<(EscalationId, Severity)>, StoreError> {
         const OP: &str = "finding the patient's open escalation";
-        let Some(r) = sqlx::query(
-            "SELECT id, severity FROM escalations
-             WHERE practice_id = ? AND patient_id = ? AND state IN ('open', 'acknowledged')
-               AND created_at_ms >= ?
-             ORDER BY created_at_ms DESC LIMIT 1",
-        )
-        .bind(practice.as_str())
-        .bind(patient.expose())
-        .bind(since_ms)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(db(OP))?
+        let Some(r) = sqlx::query(OPEN_FOR_PATIENT)
+            .bind(practice.as_str())
+            .bind(patient.expose())
+            .bind(since_ms)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db(OP))?
         else {
             return Ok(None);
         };
-        let id: String = r.try_get("id").map_err(db(OP))?;
-        let sev: i64 = r.try_get("severity").map_err(db(OP))?;
-        Ok(Some((
-            EscalationId::parse(&id).map_err(|_| corrupt(OP, "bad escalation id"))?,
-            Severity::from_code(sev).ok_or_else(|| corrupt(OP, "bad severity"))?,
-        )))
+        let o = open_from_row(&r, OP)?;
+        Ok(Some((o.id, o.severity)))
     }
 
     async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
