@@ -841,6 +841,42 @@ mod tests {
                 "tokens[0].practice",
             ),
             ("[[practices]]\nid = \"bad id!\"\n", &[], "practices[0].id"),
+            // A database URL may carry a password.
+            (
+                "",
+                &[("CRISISD_STORE_URL", "mysql://u:s3cr3t-value@h/db")],
+                "store.url",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_URL", "postgres://u:s3cr3t-value@h/db")],
+                "paging.patient_ref_secret",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_MAX_CONNECTIONS", "0")],
+                "store.max_connections",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_MIN_CONNECTIONS", "17")],
+                "store.min_connections",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_STATEMENT_TIMEOUT_MS", "0")],
+                "store.statement_timeout_ms",
+            ),
+            (
+                "",
+                &[("CRISISD_PAGING_CLAIM_LEASE_SECS", "0")],
+                "paging.claim_lease_secs",
+            ),
+            (
+                "[paging]\nnotifier = \"sns\"\nroster = \"r.toml\"\nclaim_lease_secs = 6\n",
+                &[],
+                "paging.claim_lease_secs",
+            ),
         ];
         for (file, vars, key) in cases {
             let e = with_file(file, vars).expect_err("invalid").to_string();

@@ -4,7 +4,9 @@
 //! replicas at once is one escalation and one SMS; many escalations spread
 //! over both are as many SMS, none twice; a replica SIGKILLed while holding
 //! page claims has its pages sent by the other once the lease runs out; and
-//! the audit chain both wrote stays one valid chain.
+//! an escalation made on one replica is re-paged once per round, not once
+//! per replica, and an acknowledgement on the other stops it; and the
+//! audit chain both wrote stays one valid chain.
 
 mod common;
 
@@ -60,6 +62,10 @@ fn shared_env(cmd: &mut Command, url: &str) {
 /// One `crisisd serve` on the shared database, paging through SNS at
 /// `sns_port`.
 fn replica(dir: &Path, url: &str, sns_port: u16) -> Serve {
+    replica_with(dir, url, sns_port, &[])
+}
+
+fn replica_with(dir: &Path, url: &str, sns_port: u16, env: &[(&str, &str)]) -> Serve {
     std::fs::create_dir_all(dir).expect("dir");
     std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crisisd"));
@@ -77,7 +83,8 @@ fn replica(dir: &Path, url: &str, sns_port: u16) -> Serve {
         )
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied());
     Serve::spawn(cmd)
 }
 
@@ -331,6 +338,55 @@ fn a_replica_killed_holding_claims_has_its_pages_sent_by_the_other_after_the_lea
         }
     }
     drop(b);
+    audit_verifies(&url);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn acknowledge(addr: &str, id: &str) -> crisisd::api::pb::Escalation {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    CrisisDetectionClient::new(ch)
+        .acknowledge_escalation(authed(
+            crisisd::api::pb::AcknowledgeEscalationRequest {
+                escalation_id: id.to_string(),
+                responder_id: "dr-ortiz".into(),
+            },
+            None,
+        ))
+        .await
+        .expect("acknowledged")
+        .into_inner()
+}
+
+#[test]
+fn re_paging_is_once_per_round_across_replicas_and_either_takes_the_acknowledgement() {
+    let Some(url) = common::pg::database("replicas::repage") else {
+        return;
+    };
+    let moto = Moto::start(free_port());
+    let dir = temp_dir("replicas");
+    let env = [("CRISISD_PAGING_ACK_TIMEOUT_SECS", "2")];
+    let a = replica_with(&dir.join("a"), &url, moto.port, &env);
+    let b = replica_with(&dir.join("b"), &url, moto.port, &env);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let id = rt.block_on(call(&a.addr, "call-1", "patient-1"));
+    // The first page, then one round (primary and backup) after the
+    // timeout: both replicas re-page, the round is queued once.
+    assert_eq!(moto.wait_for(3, Duration::from_secs(15)).len(), 3);
+    let acked = rt.block_on(acknowledge(&b.addr, &id));
+    assert_eq!(
+        acked.state,
+        crisisd::api::pb::EscalationState::Acknowledged as i32
+    );
+    // Past another timeout: acknowledged on B, A does not page again.
+    std::thread::sleep(Duration::from_secs(4));
+    let sms = paged(&moto);
+    assert_eq!(sms.len(), 3, "one page and one round: {sms:?}");
+    assert!(sms.iter().all(|s| s == short(&id)));
+    drop((a, b));
     audit_verifies(&url);
     let _ = std::fs::remove_dir_all(&dir);
 }
