@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Set to test against an existing server instead of a throwaway cluster.
 pub const URL_VAR: &str = "CRISISD_TEST_DATABASE_URL";
+/// Set (CI sets it) to fail, not skip, when there is no PostgreSQL.
+pub const REQUIRE_VAR: &str = "CRISISD_TEST_REQUIRE_POSTGRES";
 
 /// The server's base URL, or why there is none.
 fn server() -> &'static Result<String, String> {
@@ -171,6 +173,9 @@ fn not_run(test: &str, why: &str) {
 pub fn database(test: &str) -> Option<String> {
     let base = match server() {
         Ok(u) => u.clone(),
+        Err(why) if std::env::var_os(REQUIRE_VAR).is_some() => {
+            panic!("{REQUIRE_VAR} is set and there is no PostgreSQL to test on: {why}")
+        }
         Err(why) => {
             not_run(test, why);
             return None;
