@@ -1450,3 +1450,72 @@ impl Store for SqliteStore {
         self.reader.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database left by a build before claims (schema version 4), with a
+    /// page still to send: the upgrade keeps it, and it can be claimed.
+    #[tokio::test]
+    async fn a_version_4_database_upgrades_and_its_pending_page_is_claimed() {
+        let dir =
+            std::env::temp_dir().join(format!("crisisd-upgrade-{}", uuid::Uuid::now_v7().simple()));
+        let path = dir.join("crisisd.db");
+        std::fs::create_dir_all(&dir).expect("dir");
+        {
+            let options = SqliteConnectOptions::from_str("sqlite:")
+                .expect("options")
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("connect");
+            for step in &MIGRATIONS[..4] {
+                sqlx::raw_sql(*step)
+                    .execute(&pool)
+                    .await
+                    .expect("old schema");
+            }
+            sqlx::raw_sql(
+                "PRAGMA user_version = 4;
+                 INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel,
+                     tier, rule_id, reason_code, severity, state, utterance_id, created_at_ms,
+                     updated_at_ms)
+                 VALUES ('01a209c3-0000-7000-8000-000000000001', 'p1', 'patient-1', 'c1',
+                     'voice', 1, 'r', 'r', 3, 'open', 'u1', 1, 1);
+                 INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms,
+                     next_attempt_at_ms)
+                 VALUES ('01a209c3-0000-7000-8000-000000000001', 3, 'p1', 1, 1);",
+            )
+            .execute(&pool)
+            .await
+            .expect("old rows");
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.expect("upgrade");
+        let pages = store
+            .claim_pages(now_ms(), 60_000, 10)
+            .await
+            .expect("claim");
+        assert_eq!(pages.len(), 1);
+        // Claimed: not again until the lease runs out.
+        assert!(
+            store
+                .claim_pages(now_ms(), 60_000, 10)
+                .await
+                .expect("claim")
+                .is_empty()
+        );
+        // Released at a serving start: a claim then was a dead process's.
+        assert_eq!(store.release_claims().await.expect("release"), 1);
+        assert_eq!(
+            store
+                .claim_pages(now_ms(), 60_000, 10)
+                .await
+                .expect("claim")
+                .len(),
+            1
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
