@@ -170,17 +170,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, crate::store:
     if config.store.is_postgres() {
         return Ok(Arc::new(PgStore::open(&config.store).await?));
     }
-    let store = SqliteStore::open(&config.database_path()).await?;
-    // The only process serving this file: claims found now were left by
-    // one that died, and their pages should go out now, not after a lease.
-    let released = store.release_claims().await?;
-    if released > 0 {
-        tracing::warn!(
-            pages = released,
-            "pages claimed by a previous run that stopped: sending them now"
-        );
-    }
-    Ok(Arc::new(store))
+    Ok(Arc::new(SqliteStore::open(&config.database_path()).await?))
 }
 
 /// Implementations to use instead of those the config names: tests and

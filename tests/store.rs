@@ -485,7 +485,7 @@ async fn claims_are_exclusive_until_delivered_failed_or_expired(b: &Backend) {
             .is_empty()
     );
     // A failed page goes back, due at its retry time, claimable again.
-    let failed = a.first().copied().unwrap_or(c[0]);
+    let failed = a.first().or(c.first()).copied().expect("a claim");
     store.page_failed(failed, now + 10).await.expect("failed");
     let again = other
         .claim_pages(now + 20, lease, 100)

@@ -38,13 +38,12 @@ const SCHEMA_VERSION: i64 = 6;
 /// PostgreSQL store has the same versions with the same meaning.
 const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, SCHEMA_6];
 
-/// Version 6: pages are claimed for a lease before they are sent, so that
-/// two pagers (replicas, on PostgreSQL) never send the same page and one
-/// that dies holding a claim loses it when the lease runs out.
-const SCHEMA_6: &str = r#"
-ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
-ALTER TABLE outbox ADD COLUMN claimed_until_ms INTEGER;
-"#;
+/// Version 6 is PostgreSQL's page claims and per-patient lock rows. A
+/// SQLite file has one serving process and one writer, which need neither:
+/// claims live in that process's memory (see `SqliteStore::claims`) and
+/// the writer serializes every patient's escalations. The step keeps the
+/// two backends' version numbers in step.
+const SCHEMA_6: &str = "SELECT 1;";
 
 /// Version 5 is reserved for Tier 3 (issue 6, on main), which fills it in;
 /// until then it changes nothing, so that version 6 keeps its number.
@@ -169,15 +168,7 @@ enum Job {
         audit: Vec<AuditEvent>,
         reply: Reply<(Recorded, Option<Escalated>)>,
     },
-    Claim {
-        now_ms: i64,
-        lease_ms: i64,
-        limit: u32,
-        reply: Reply<Vec<Page>>,
-    },
-    ReleaseClaims {
-        reply: Reply<u64>,
-    },
+
     Audit {
         event: AuditEvent,
         reply: Reply<()>,
@@ -221,7 +212,6 @@ enum JobReply {
     Value(Reply<u64>),
     Escalated(Reply<Escalated>),
     Message(Reply<(Recorded, Option<Escalated>)>),
-    Pages(Reply<Vec<Page>>),
 }
 
 /// What a job produced.
@@ -230,7 +220,6 @@ enum Out {
     Value(u64),
     Escalated(Escalated),
     Message(Recorded, Option<Escalated>),
-    Pages(Vec<Page>),
 }
 
 /// A job's outcome, sent once its group has committed.
@@ -266,12 +255,6 @@ impl Done {
                     _ => Err(mismatch()),
                 }));
             }
-            (JobReply::Pages(r), v) => {
-                let _ = r.send(v.and_then(|o| match o {
-                    Out::Pages(p) => Ok(p),
-                    _ => Err(mismatch()),
-                }));
-            }
         }
     }
 }
@@ -287,6 +270,13 @@ pub struct SqliteStore {
         )>,
     >,
     reader: SqlitePool,
+    /// Pages this process's pager holds: page id → claimed until (ms).
+    /// One process serves a SQLite file, so a claim need not outlive it
+    /// (after a crash every undelivered page is due at once) and need not
+    /// cost the writer a commit. A delivered page keeps its entry until it
+    /// expires, so that a read begun before the delivery committed cannot
+    /// hand the page out again.
+    claims: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
 }
 
 /// How often the WAL is copied into the database.
@@ -387,15 +377,8 @@ impl SqliteStore {
             writer: Mutex::new(Some(task)),
             checkpoints: Mutex::new(Some((stop, checkpoints))),
             reader,
+            claims: Default::default(),
         })
-    }
-
-    /// Releases every page claim. Only the serving process may call it, at
-    /// start: one process serves a SQLite file, so a claim found then was
-    /// left by one that died, and its pages go out now rather than after
-    /// the lease.
-    pub async fn release_claims(&self) -> Result<u64, StoreError> {
-        self.submit(|reply| Job::ReleaseClaims { reply }).await
     }
 
     async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
@@ -504,10 +487,7 @@ fn job_reply(job: Job) -> Done {
         | Job::PageBackup { reply, .. } => JobReply::Unit(reply),
         Job::Escalate { reply, .. } => JobReply::Escalated(reply),
         Job::Message { reply, .. } => JobReply::Message(reply),
-        Job::Claim { reply, .. } => JobReply::Pages(reply),
-        Job::Handle { reply, .. } | Job::Repage { reply, .. } | Job::ReleaseClaims { reply } => {
-            JobReply::Value(reply)
-        }
+        Job::Handle { reply, .. } | Job::Repage { reply, .. } => JobReply::Value(reply),
     };
     Done(reply, Ok(Out::Unit))
 }
@@ -540,26 +520,6 @@ async fn run_job(
             }
             .await;
             (JobReply::Unit(reply), r)
-        }
-        Job::Claim {
-            now_ms: now,
-            lease_ms,
-            limit,
-            reply,
-        } => {
-            let r = claim(tx, now, lease_ms, limit).await.map(Out::Pages);
-            (JobReply::Pages(reply), r)
-        }
-        Job::ReleaseClaims { reply } => {
-            let r = sqlx::query(
-                "UPDATE outbox SET claimed_by = NULL, claimed_until_ms = NULL
-                 WHERE claimed_by IS NOT NULL AND delivered_at_ms IS NULL",
-            )
-            .execute(&mut **tx)
-            .await
-            .map(|r| Out::Value(r.rows_affected()))
-            .map_err(db("releasing page claims"));
-            (JobReply::Value(reply), r)
         }
         Job::Message {
             message,
@@ -619,8 +579,7 @@ async fn run_job(
             let r = async {
                 sqlx::query(
                     "UPDATE outbox SET delivered_at_ms = ?, attempts = attempts + 1,
-                         clinician_id = ?, provider_message_id = ?,
-                         claimed_by = NULL, claimed_until_ms = NULL
+                         clinician_id = ?, provider_message_id = ?
                      WHERE id = ?",
                 )
                 .bind(delivery.at_ms)
@@ -642,9 +601,7 @@ async fn run_job(
             reply,
         } => {
             let r = sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ?,
-                     claimed_by = NULL, claimed_until_ms = NULL
-                 WHERE id = ?",
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at_ms = ? WHERE id = ?",
             )
             .bind(retry_at_ms)
             .bind(page)
@@ -1028,45 +985,6 @@ async fn raise(
 const PAGE_COLUMNS: &str = "o.id, o.escalation_id, o.severity, o.practice_id, o.attempts,
      o.created_at_ms, o.target, o.backup_queued, e.tier, e.patient_id";
 
-/// Claims up to `limit` due, unclaimed pages for this process. The only
-/// writer: the rows read are the rows claimed, nothing moves between.
-async fn claim(
-    tx: &mut Transaction<'_, Sqlite>,
-    now: i64,
-    lease_ms: i64,
-    limit: u32,
-) -> Result<Vec<Page>, StoreError> {
-    const OP: &str = "claiming due pages";
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {PAGE_COLUMNS} FROM outbox o JOIN escalations e ON e.id = o.escalation_id
-         WHERE {CLAIMABLE} ORDER BY o.next_attempt_at_ms, o.id LIMIT ?2"
-    )))
-    .bind(now)
-    .bind(i64::from(limit))
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db(OP))?;
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE outbox SET claimed_by = 'sqlite', claimed_until_ms = ?3
-         WHERE id IN (SELECT o.id FROM outbox o WHERE {CLAIMABLE}
-                      ORDER BY o.next_attempt_at_ms, o.id LIMIT ?2)"
-    )))
-    .bind(now)
-    .bind(i64::from(limit))
-    .bind(now.saturating_add(lease_ms))
-    .execute(&mut **tx)
-    .await
-    .map_err(db(OP))?;
-    rows.iter().map(|r| page_from_row(r, OP)).collect()
-}
-
-/// Due, undelivered and unclaimed (or the claim's lease ran out) at ?1.
-const CLAIMABLE: &str = "o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?1
-     AND (o.claimed_until_ms IS NULL OR o.claimed_until_ms <= ?1)";
-
 fn page_from_row(r: &SqliteRow, op: &'static str) -> Result<Page, StoreError> {
     let esc: String = r.try_get("escalation_id").map_err(db(op))?;
     let sev: i64 = r.try_get("severity").map_err(db(op))?;
@@ -1289,25 +1207,29 @@ impl Store for SqliteStore {
         lease_ms: i64,
         limit: u32,
     ) -> Result<Vec<Page>, StoreError> {
-        // Most polls find nothing: asking the reader first keeps them off
-        // the writer, where escalations wait their turn.
-        let any: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT 1 FROM outbox o WHERE {CLAIMABLE} LIMIT 1"
-        )))
-        .bind(now_ms)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(db("claiming due pages"))?;
-        if any.is_none() {
-            return Ok(Vec::new());
+        let held = {
+            let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+            claims.retain(|_, until| *until > now_ms);
+            claims.len()
+        };
+        // Enough to find `limit` free ones behind those held.
+        let want = u32::try_from(held)
+            .unwrap_or(u32::MAX)
+            .saturating_add(limit);
+        let due = self.due_pages(now_ms, want).await?;
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for page in due {
+            if out.len() >= limit as usize {
+                break;
+            }
+            if claims.get(&page.id).is_some_and(|until| *until > now_ms) {
+                continue;
+            }
+            claims.insert(page.id, now_ms.saturating_add(lease_ms));
+            out.push(page);
         }
-        self.submit(|reply| Job::Claim {
-            now_ms,
-            lease_ms,
-            limit,
-            reply,
-        })
-        .await
+        Ok(out)
     }
 
     async fn page_delivered(
@@ -1329,7 +1251,14 @@ impl Store for SqliteStore {
             retry_at_ms,
             reply,
         })
-        .await
+        .await?;
+        // Free again at its retry, not before: a read begun before this
+        // commit still shows it due now.
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(page, retry_at_ms);
+        Ok(())
     }
 
     async fn acknowledge(
@@ -1456,7 +1385,7 @@ mod tests {
     use super::*;
 
     /// A database left by a build before claims (schema version 4), with a
-    /// page still to send: the upgrade keeps it, and it can be claimed.
+    /// page still to send: the upgrade keeps it, and it is claimed once.
     #[tokio::test]
     async fn a_version_4_database_upgrades_and_its_pending_page_is_claimed() {
         let dir =
@@ -1505,8 +1434,9 @@ mod tests {
                 .expect("claim")
                 .is_empty()
         );
-        // Released at a serving start: a claim then was a dead process's.
-        assert_eq!(store.release_claims().await.expect("release"), 1);
+        // A new process (after a crash) sends it at once.
+        store.close().await;
+        let store = SqliteStore::open(&path).await.expect("reopen");
         assert_eq!(
             store
                 .claim_pages(now_ms(), 60_000, 10)
