@@ -655,3 +655,41 @@ async fn replicas_starting_together_migrate_once(b: &Backend) {
     assert_eq!(chain_is_whole(&s).await, n);
     s.close().await;
 }
+
+/// TLS to the database, verified against the server's CA (rustls with
+/// ring; the process has two rustls providers linked, and the store picks
+/// one). A CA that did not sign the server's certificate is refused.
+#[tokio::test]
+async fn postgres_over_tls_verifies_the_server() {
+    let Some(url) = common::pg::database("store::postgres_over_tls_verifies_the_server") else {
+        return;
+    };
+    let Some(ca) = common::pg::tls_root() else {
+        // A server given by CRISISD_TEST_DATABASE_URL: its TLS is its own.
+        return;
+    };
+    let tls = format!("{url}&sslmode=verify-full&sslrootcert={}", ca.display());
+    let store = PgStore::open(&common::pg::store_config(&tls))
+        .await
+        .expect("open over TLS");
+    store.audit(event("over.tls", 1)).await.expect("write");
+    assert_eq!(store.audit_rows(0).await.expect("rows").len(), 1);
+    store.close().await;
+
+    // Another CA: the server's certificate does not verify.
+    let dir = common::temp_dir("pgtls");
+    let other = dir.join("other-ca.pem");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let rogue =
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+    std::fs::write(&other, rogue.pem()).expect("write");
+    let bad = format!("{url}&sslmode=verify-full&sslrootcert={}", other.display());
+    let refused = PgStore::open(&common::pg::store_config(&bad)).await;
+    assert!(
+        matches!(refused, Err(crisisd::store::StoreError::Connect { .. })),
+        "a server whose certificate does not verify is refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -179,8 +179,10 @@ impl PgStore {
     /// Connects to `config.url` (its TLS as the URL's `sslmode` and
     /// `sslrootcert` say), and migrates the schema to this build's version.
     pub async fn open(config: &StoreConfig) -> Result<PgStore, StoreError> {
-        // rustls links two crypto providers (ring, aws-lc-rs through the
-        // AWS SDK) and refuses to pick; TLS to the database needs one.
+        // sqlx's rustls uses ring itself; the process default is set too,
+        // as everywhere else in crisisd (two providers are linked: ring,
+        // and aws-lc-rs through the AWS SDK), so that nothing TLS in this
+        // process depends on which side installs it first.
         crate::server::install_crypto_provider();
         // The parse error could quote the URL, password and all.
         let options = PgConnectOptions::from_str(&config.url)

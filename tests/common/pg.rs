@@ -19,13 +19,48 @@ pub const URL_VAR: &str = "CRISISD_TEST_DATABASE_URL";
 /// Set (CI sets it) to fail, not skip, when there is no PostgreSQL.
 pub const REQUIRE_VAR: &str = "CRISISD_TEST_REQUIRE_POSTGRES";
 
-/// The server's base URL, or why there is none.
-fn server() -> &'static Result<String, String> {
-    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+/// The test server: its base URL, and the CA that signed its TLS
+/// certificate when this binary started it; or why there is none.
+struct Server {
+    url: String,
+    ca: Option<PathBuf>,
+}
+
+fn server() -> &'static Result<Server, String> {
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var(URL_VAR) {
-        Ok(url) if !url.is_empty() => Ok(url),
+        Ok(url) if !url.is_empty() => Ok(Server { url, ca: None }),
         _ => start_cluster(),
     })
+}
+
+/// The throwaway cluster's TLS: a CA, and a certificate it signed for
+/// 127.0.0.1 and localhost. Returns the CA's path.
+fn make_tls(dir: &Path) -> Result<PathBuf, String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let e = |e: rcgen::Error| format!("making the test server's certificate: {e}");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(e)?).map_err(e)?;
+    let key = KeyPair::generate().map_err(e)?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .map_err(e)?
+        .signed_by(&key, &ca)
+        .map_err(e)?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).map_err(|e| format!("writing {name}: {e}"))
+    };
+    write("ca.pem", &ca.pem())?;
+    write("server.crt", &cert.pem())?;
+    write("server.key", &key.serialize_pem())?;
+    // The server refuses a key others can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .map_err(|e| format!("chmod server.key: {e}"))?;
+    Ok(dir.join("ca.pem"))
 }
 
 /// Directory holding initdb and pg_ctl: Debian's newest, else PATH's.
@@ -62,7 +97,7 @@ fn as_pg_user(root: bool, program: &Path) -> Command {
     }
 }
 
-fn start_cluster() -> Result<String, String> {
+fn start_cluster() -> Result<Server, String> {
     let Some(bin) = bin_dir() else {
         return Err(format!(
             "{URL_VAR} is not set and no PostgreSQL server binaries were found \
@@ -77,6 +112,7 @@ fn start_cluster() -> Result<String, String> {
     ));
     let (data, sock) = (dir.join("data"), dir.join("sock"));
     std::fs::create_dir_all(&sock).map_err(|e| format!("making {}: {e}", dir.display()))?;
+    let ca = make_tls(&dir)?;
     if root {
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -112,8 +148,11 @@ fn start_cluster() -> Result<String, String> {
     // Throwaway: durability off, connections for many parallel tests.
     let opts = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=400",
-        sock.display()
+         -c full_page_writes=off -c max_connections=400 \
+         -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        sock.display(),
+        dir.join("server.crt").display(),
+        dir.join("server.key").display(),
     );
     let out = as_pg_user(root, &bin.join("pg_ctl"))
         .arg("-D")
@@ -157,7 +196,10 @@ fn start_cluster() -> Result<String, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting the cluster's watcher: {e}"))?;
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+    Ok(Server {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        ca: Some(ca),
+    })
 }
 
 /// Says, past the test harness's capture, that a test did not run.
@@ -172,7 +214,7 @@ fn not_run(test: &str, why: &str) {
 /// when there is no server.
 pub fn database(test: &str) -> Option<String> {
     let base = match server() {
-        Ok(u) => u.clone(),
+        Ok(s) => s.url.clone(),
         Err(why) if std::env::var_os(REQUIRE_VAR).is_some() => {
             panic!("{REQUIRE_VAR} is set and there is no PostgreSQL to test on: {why}")
         }
@@ -222,6 +264,12 @@ pub fn database(test: &str) -> Option<String> {
     }
     let sep = if base.contains('?') { '&' } else { '?' };
     Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+/// The CA of the throwaway cluster's certificate; None on a server given
+/// by URL (its TLS is its own business) or when there is no server.
+pub fn tls_root() -> Option<PathBuf> {
+    server().as_ref().ok().and_then(|s| s.ca.clone())
 }
 
 /// A store config for `url`, sized for tests.
