@@ -19,6 +19,15 @@
 //!   UPDATE SKIP LOCKED` and moved on in the same transaction, so two
 //!   replicas re-paging at once queue each round once.
 //!
+//! Locks are taken in one order: a message id's row, a patient's lock
+//! row, escalation rows, outbox rows, and the audit head last. (A new
+//! outbox row's foreign key takes a key-share lock on its escalation,
+//! which no update here conflicts with.) No transaction takes a lock after
+//! the audit head, and the pager's claims lock outbox rows only, skipping
+//! any held, so writers wait for each other but never in a cycle. READ COMMITTED is enough: each check that matters is made on
+//! the locked row itself (`WHERE state = 'open'`, `AND NOT backup_queued`,
+//! the lease), which PostgreSQL re-evaluates after the wait.
+//!
 //! Migrations are versioned like SQLite's (the same numbers mean the same
 //! schema) and run at start under an advisory lock, so replicas starting
 //! together migrate once.
