@@ -280,13 +280,18 @@ pub fn oncall(roster_file: &Path, practice: &str, at: Option<&str>) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn open_store(config: Option<PathBuf>) -> Result<SqliteStore> {
+async fn open_store(config: Option<PathBuf>) -> Result<std::sync::Arc<dyn Store>> {
     let config = load_config(config)?;
+    if config.store.is_postgres() {
+        return Ok(std::sync::Arc::new(
+            crisisd::store::postgres::PgStore::open(&config.store).await?,
+        ));
+    }
     let path = config.database_path();
     if !path.exists() {
         bail!("no database at {} (config key data_dir)", path.display());
     }
-    Ok(SqliteStore::open(&path).await?)
+    Ok(std::sync::Arc::new(SqliteStore::open(&path).await?))
 }
 
 pub fn audit_verify(config: Option<PathBuf>) -> Result<ExitCode> {

@@ -200,6 +200,11 @@ pub struct Paging {
     /// A patient's escalation open (or acknowledged) and younger than this
     /// takes new triggers from any call or thread: one page per patient.
     pub dedup_window_secs: u64,
+    /// A pager claims a page for this long before sending it; no other
+    /// pager (replica) sends it meanwhile, and when a replica dies holding
+    /// a claim another takes the page over after this. Longer than a send
+    /// can take (twice sns.timeout_ms), or a slow send could be repeated.
+    pub claim_lease_secs: u64,
 }
 
 impl Default for Paging {
@@ -214,6 +219,7 @@ impl Default for Paging {
             backup_after_failures: 3,
             backup_after_secs: 120,
             dedup_window_secs: 3600,
+            claim_lease_secs: 30,
         }
     }
 }
@@ -284,6 +290,43 @@ impl Default for Tier2 {
     }
 }
 
+/// Where escalations, the outbox and the audit log live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Empty: the embedded SQLite database in data_dir, for one process. A
+    /// postgres:// URL: PostgreSQL, shared by every replica (TLS as its
+    /// sslmode and sslrootcert parameters say).
+    pub url: String,
+    /// PostgreSQL connections this process keeps, at most and at least.
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// Waiting for a free connection longer than this fails the write
+    /// (and the service retries, then answers without it).
+    pub acquire_timeout_ms: u64,
+    /// A statement running longer than this is cancelled by the server.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: String::new(),
+            max_connections: 16,
+            min_connections: 1,
+            acquire_timeout_ms: 2000,
+            statement_timeout_ms: 5000,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// PostgreSQL rather than the embedded SQLite database.
+    pub fn is_postgres(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -296,6 +339,7 @@ pub struct Config {
     pub health_listen: String,
     /// Where the embedded SQLite database lives.
     pub data_dir: String,
+    pub store: StoreConfig,
     pub log: Log,
     pub limits: Limits,
     pub referral: Referral,
@@ -315,6 +359,7 @@ impl Default for Config {
             metrics_listen: String::new(),
             health_listen: String::new(),
             data_dir: "./crisisd-data".to_string(),
+            store: StoreConfig::default(),
             log: Log::default(),
             limits: Limits::default(),
             referral: Referral::default(),
@@ -464,6 +509,16 @@ impl Config {
                 u64::from(self.paging.backup_after_failures),
             ),
             ("paging.backup_after_secs", self.paging.backup_after_secs),
+            ("paging.claim_lease_secs", self.paging.claim_lease_secs),
+            (
+                "store.max_connections",
+                u64::from(self.store.max_connections),
+            ),
+            ("store.acquire_timeout_ms", self.store.acquire_timeout_ms),
+            (
+                "store.statement_timeout_ms",
+                self.store.statement_timeout_ms,
+            ),
             ("tier2.deadline_ms", self.tier2.deadline_ms),
             ("tier2.max_turns", self.tier2.max_turns as u64),
             ("tier2.max_chars", self.tier2.max_chars as u64),
@@ -500,6 +555,16 @@ impl Config {
         if self.sns.timeout_ms == 0 {
             return Err(invalid("sns.timeout_ms", "must be at least 1"));
         }
+        if self.paging.notifier == NotifierKind::Sns
+            && self.paging.claim_lease_secs.saturating_mul(1000)
+                <= self.sns.timeout_ms.saturating_mul(2)
+        {
+            return Err(invalid(
+                "paging.claim_lease_secs",
+                "must be longer than a send can take (twice sns.timeout_ms)",
+            ));
+        }
+        self.validate_store()?;
         let url = &self.sns.endpoint_url;
         if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(invalid(
@@ -569,6 +634,40 @@ impl Config {
             return Err(invalid(
                 "listen",
                 "a non-loopback address needs TLS (tls.cert, tls.key) and at least one token",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        if s.min_connections > s.max_connections {
+            return Err(invalid(
+                "store.min_connections",
+                "must not exceed store.max_connections",
+            ));
+        }
+        if s.max_connections > 10_000 {
+            return Err(invalid("store.max_connections", "must be at most 10000"));
+        }
+        if !s.is_postgres() {
+            return Ok(());
+        }
+        // Never the value: it may carry a password.
+        if !s.url.starts_with("postgres://") && !s.url.starts_with("postgresql://") {
+            return Err(invalid(
+                "store.url",
+                "must be a postgres:// URL (or empty for SQLite in data_dir)",
+            ));
+        }
+        // A key made in one replica's data directory would give each
+        // replica its own patient references for the same patient.
+        if self.paging.patient_ref_secret.is_empty() {
+            return Err(invalid(
+                "paging.patient_ref_secret",
+                "must be set with store.url: every replica must use the same key",
             ));
         }
         Ok(())
@@ -776,6 +875,42 @@ mod tests {
                 "tokens[0].practice",
             ),
             ("[[practices]]\nid = \"bad id!\"\n", &[], "practices[0].id"),
+            // A database URL may carry a password.
+            (
+                "",
+                &[("CRISISD_STORE_URL", "mysql://u:s3cr3t-value@h/db")],
+                "store.url",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_URL", "postgres://u:s3cr3t-value@h/db")],
+                "paging.patient_ref_secret",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_MAX_CONNECTIONS", "0")],
+                "store.max_connections",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_MIN_CONNECTIONS", "17")],
+                "store.min_connections",
+            ),
+            (
+                "",
+                &[("CRISISD_STORE_STATEMENT_TIMEOUT_MS", "0")],
+                "store.statement_timeout_ms",
+            ),
+            (
+                "",
+                &[("CRISISD_PAGING_CLAIM_LEASE_SECS", "0")],
+                "paging.claim_lease_secs",
+            ),
+            (
+                "[paging]\nnotifier = \"sns\"\nroster = \"r.toml\"\nclaim_lease_secs = 6\n",
+                &[],
+                "paging.claim_lease_secs",
+            ),
         ];
         for (file, vars, key) in cases {
             let e = with_file(file, vars).expect_err("invalid").to_string();

@@ -20,6 +20,7 @@ use crate::config::{Config, NotifierKind};
 use crate::pager::{self, Notifier, Pager};
 use crate::roster::{Roster, RosterError};
 use crate::store::Store;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::tier1::Matcher;
 
@@ -177,9 +178,14 @@ pub fn describe(config: &Config, addr: SocketAddr, matcher: &Matcher) -> String 
         matcher.rules().exclusions.len(),
     );
     format!(
-        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: SQLite at {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: {tier2}\n  pager: {pager}\n  metrics: {metrics}",
+        "crisisd {version} listening on {addr}\n  transport: {tls}\n  tokens: {tokens}\n  store: {db}\n  tier 1: {rules} rules, {exclusions} exclusions, {patterns} patterns\n  tier 2: {tier2}\n  pager: {pager}\n  metrics: {metrics}",
         version = env!("CARGO_PKG_VERSION"),
-        db = config.database_path().display(),
+        // Never the URL: it may carry a password.
+        db = if config.store.is_postgres() {
+            "PostgreSQL (store.url), shared with any other replica".to_string()
+        } else {
+            format!("SQLite at {}", config.database_path().display())
+        },
         patterns = matcher.pattern_count(),
         tier2 = if config.tier2.model_id.is_empty() {
             "no classifier configured: a review escalates by the fail-safe rule".to_string()
@@ -230,6 +236,15 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The store the config names: PostgreSQL when `store.url` is set, else
+/// SQLite in the data directory.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, crate::store::StoreError> {
+    if config.store.is_postgres() {
+        return Ok(Arc::new(PgStore::open(&config.store).await?));
+    }
+    Ok(Arc::new(SqliteStore::open(&config.database_path()).await?))
+}
+
 /// Implementations to use instead of those the config names: tests and
 /// embedders plug theirs in here.
 #[derive(Default)]
@@ -254,7 +269,7 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ServeError::Listener)?;
     let matcher = Arc::new(Matcher::builtin().map_err(ServeError::Rules)?);
     let behavior = Arc::new(behavior_rules(&config)?);
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path()).await?);
+    let store = open_store(&config).await?;
     let tls = tls(&config).await?;
     println!("{}", describe(&config, addr, &matcher));
     let auth = Auth::new(&config);
@@ -303,6 +318,8 @@ pub async fn serve(
                     .unwrap_or(i64::MAX),
                     max_rounds: config.paging.max_rounds,
                 },
+                claim_lease_ms: i64::try_from(config.paging.claim_lease_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
                 backup_after_failures: i64::from(config.paging.backup_after_failures),
                 backup_after_ms: i64::try_from(
                     config.paging.backup_after_secs.saturating_mul(1000),

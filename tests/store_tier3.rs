@@ -75,7 +75,7 @@ async fn a_patients_history_stays_bounded_and_pruned() {
     for n in 0..100 {
         let r = record(n, now - n as i64 * DAY, horizon, 24);
         assert_eq!(
-            store.record_appointment(r).await.expect("recorded"),
+            store.record_appointment(r).await.expect("recorded").0,
             Recorded::New
         );
     }
@@ -94,10 +94,9 @@ async fn a_patients_history_stays_bounded_and_pruned() {
     // A repeated event id: nothing written, the first answer stands.
     let mut again = record(3, now, horizon, 24);
     again.answer.rule_ids = vec!["other".into()];
-    assert_eq!(
-        store.record_appointment(again).await.expect("ok"),
-        Recorded::Duplicate
-    );
+    let (recorded, answer) = store.record_appointment(again).await.expect("ok");
+    assert_eq!(recorded, Recorded::Duplicate);
+    assert_eq!(answer.rule_ids, vec!["r3".to_string()], "the first answer");
     let first = store
         .appointment_answer(&practice(), &AppointmentEventId::parse("e3").expect("id"))
         .await

@@ -25,7 +25,7 @@ use super::pb;
 use super::service::Core;
 use crate::audit::AuditEvent;
 use crate::domain::Tier;
-use crate::escalation::{self, Origin, Step, Trigger, now_ms};
+use crate::escalation::{Origin, Trigger, now_ms};
 use crate::ids::{PatientId, PracticeId};
 use crate::store::{
     AppointmentAnswer, AppointmentRecord, EscalationWrite, FiringRecord, QueuedDirective, Recorded,
@@ -118,52 +118,45 @@ impl Core {
                 rule_id: rule.id.clone(),
                 reason_code: rule.id.clone(),
             };
-            let open = self.patient_open(&practice, &patient).await;
-            let (id, action) = match escalation::step(open, &trigger) {
-                Step::Attach(o) => (o.id, "escalation.attach"),
-                Step::New => {
-                    let e = self.new_escalation(
-                        &trigger,
-                        &practice,
-                        &patient,
-                        origin.clone(),
-                        event.id.as_str(),
-                    );
-                    let id = e.id;
-                    write = Some(EscalationWrite::Create(Box::new(e)));
-                    (id, "escalation.create")
-                }
-                Step::Raise(o) => {
-                    write = Some(EscalationWrite::Raise {
-                        id: o.id,
-                        severity: trigger.severity,
-                    });
-                    (o.id, "escalation.raise")
-                }
-            };
-            if write.is_some() {
-                directive = Some(QueuedDirective {
-                    seq: 0,
-                    directive_id: uuid::Uuid::now_v7().to_string(),
-                    practice: practice.clone(),
-                    patient: patient.clone(),
-                    directive: self.directive(
-                        id,
-                        &trigger,
-                        practice.as_str(),
-                        language.as_deref().unwrap_or("en"),
-                        event.id.as_str(),
-                    ),
-                });
-            }
+            // The store decides, in the write's transaction, whether this
+            // opens an escalation, raises the patient's open one or attaches
+            // to it (one page per patient); the directive goes with the
+            // first two only.
+            let e = self.new_escalation(
+                &trigger,
+                &practice,
+                &patient,
+                origin.clone(),
+                event.id.as_str(),
+            );
+            let id = e.id;
+            write = Some(EscalationWrite::CreateUnlessOpen {
+                escalation: Box::new(e),
+                since_ms: self.dedup_since(),
+            });
+            directive = Some(QueuedDirective {
+                seq: 0,
+                directive_id: uuid::Uuid::now_v7().to_string(),
+                practice: practice.clone(),
+                patient: patient.clone(),
+                directive: self.directive(
+                    id,
+                    &trigger,
+                    practice.as_str(),
+                    language.as_deref().unwrap_or("en"),
+                    event.id.as_str(),
+                ),
+            });
             audit.push(Core::escalation_audit(
-                &who.name, request_id, action, id, &origin, &trigger,
+                &who.name,
+                request_id,
+                "escalation.create",
+                id,
+                &origin,
+                &trigger,
             ));
             answer.escalation_id = Some(id.to_string());
-            tracing::info!(event_id = %event.id, escalation_id = %id, rule = %rule.id, action, "behavior pattern fired");
-            if write.is_some() {
-                metrics::counter!("crisisd_escalations_total", "tier" => Tier::Behavior.as_str(), "severity" => trigger.severity.as_str()).increment(1);
-            }
+            tracing::info!(event_id = %event.id, rule = %rule.id, "behavior pattern fired");
         }
         let record = AppointmentRecord {
             practice: practice.clone(),
@@ -187,27 +180,24 @@ impl Core {
                 .saturating_sub(rules.longest_cooldown_ms()),
             event,
         };
-        let (kind, event_id) = (record.event.kind, record.event.id.clone());
-        match self
+        let kind = record.event.kind;
+        let (recorded, answer) = self
             .store
             .record_appointment(record)
             .await
-            .map_err(unavailable)?
-        {
-            Recorded::New => {
-                metrics::counter!("crisisd_appointment_events_total", "kind" => kind.as_str(), "result" => if answer.escalation_id.is_some() { "escalated" } else { "none" }).increment(1);
-                Ok(answer)
+            .map_err(unavailable)?;
+        if recorded == Recorded::New {
+            let result = if answer.escalation_id.is_some() {
+                "escalated"
+            } else {
+                "none"
+            };
+            metrics::counter!("crisisd_appointment_events_total", "kind" => kind.as_str(), "result" => result).increment(1);
+            if let Some(id) = &answer.escalation_id {
+                tracing::info!(escalation_id = %id, "behavior escalation recorded");
             }
-            // Another replica recorded it first: its answer stands.
-            Recorded::Duplicate => self
-                .store
-                .appointment_answer(&practice, &event_id)
-                .await
-                .map_err(unavailable)?
-                .ok_or_else(|| {
-                    Status::unavailable("the store lost an answer; send the event again")
-                }),
         }
+        Ok(answer)
     }
 
     /// Feeds one practice's pending directives into `tx` until the client

@@ -28,7 +28,7 @@ use crate::domain::Tier;
 use crate::domain::{EscalationState, Speaker};
 use crate::escalation::{self, Directive, Escalation, Open, Origin, Step, Trigger, now_ms};
 use crate::ids::EscalationId;
-use crate::store::{EscalationQuery, EscalationWrite, MessageVerdict, Recorded, Store};
+use crate::store::{Escalated, EscalationQuery, EscalationWrite, MessageVerdict, Recorded, Store};
 use crate::tier1::{Action, Detection, Matcher};
 use crate::tier2::{Classifier, Decision, Turn};
 
@@ -229,20 +229,44 @@ impl Core {
     ) -> Sent {
         let mut sh = shared.lock().await;
         let origin = Origin::Call(start.call.to_string());
-        // Another call or thread of this patient may have one open.
-        let (current, elsewhere) = match sh.open {
-            Some(o) => (Some(o), false),
-            None => {
-                let o = self.patient_open(&start.practice, &start.patient).await;
-                (o, o.is_some())
-            }
-        };
-        let (id, write, action) = match escalation::step(current, &trigger) {
-            Step::Attach(o) if !elsewhere => {
+        let (id, write, action) = match escalation::step(sh.open, &trigger) {
+            Step::Attach(o) => {
                 tracing::debug!(call_id = %start.call, escalation_id = %o.id, "trigger attached to open escalation");
                 return Sent::Nothing;
             }
-            Step::Attach(o) => {
+            Step::New => {
+                let e = self.new_escalation(
+                    &trigger,
+                    &start.practice,
+                    &start.patient,
+                    origin.clone(),
+                    utterance_id,
+                );
+                let id = e.id;
+                // Another call or thread of this patient (on any replica)
+                // may have one open: the store decides in the write's
+                // transaction, with no read before it.
+                (
+                    id,
+                    EscalationWrite::CreateUnlessOpen {
+                        escalation: Box::new(e),
+                        since_ms: self.dedup_since(),
+                    },
+                    "escalation.create",
+                )
+            }
+            Step::Raise(o) => (
+                o.id,
+                EscalationWrite::Raise {
+                    id: o.id,
+                    severity: trigger.severity,
+                },
+                "escalation.raise",
+            ),
+        };
+        let audit = Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
+        let (id, action) = match self.record(write, audit, id).await {
+            Some(Escalated::Attached(o)) if action == "escalation.create" => {
                 // The clinician already has this patient's page; this call
                 // still gets its referral.
                 tracing::info!(call_id = %start.call, escalation_id = %o.id, "trigger attached to the patient's open escalation from another conversation");
@@ -262,34 +286,11 @@ impl Core {
                     .record(received.elapsed().as_secs_f64());
                 return Sent::Yes;
             }
-            Step::New => {
-                let e = self.new_escalation(
-                    &trigger,
-                    &start.practice,
-                    &start.patient,
-                    origin.clone(),
-                    utterance_id,
-                );
-                let id = e.id;
-                (
-                    id,
-                    EscalationWrite::Create(Box::new(e)),
-                    "escalation.create",
-                )
-            }
-            Step::Raise(o) => (
-                o.id,
-                EscalationWrite::Raise {
-                    id: o.id,
-                    severity: trigger.severity,
-                },
-                "escalation.raise",
-            ),
+            // Raised the patient's escalation from another conversation.
+            Some(Escalated::Raised(o)) => (o.id, "escalation.raise"),
+            Some(_) => (id, action),
+            None => return Sent::Unrecorded,
         };
-        let audit = Self::escalation_audit(actor, request_id, action, id, &origin, &trigger);
-        if !self.record(write, audit, id).await {
-            return Sent::Unrecorded;
-        }
         sh.open = Some(Open {
             id,
             severity: trigger.severity,
@@ -313,9 +314,6 @@ impl Core {
         Sent::Yes
     }
 
-    /// The patient's open escalation within the dedup window, if any. A
-    /// store that cannot answer means a new escalation: a second page is
-    /// better than none.
     /// Tells the store about a call for Tier 3, off the stream's path: a
     /// lost record costs a behavior signal, never a directive.
     fn remember_call(&self, start: &crate::conversation::CallStart, review: bool) {
@@ -336,24 +334,12 @@ impl Core {
         });
     }
 
-    pub(super) async fn patient_open(
-        &self,
-        practice: &crate::ids::PracticeId,
-        patient: &crate::ids::PatientId,
-    ) -> Option<Open> {
+    /// Escalations of the patient created since this (the dedup window)
+    /// take new triggers instead of paging again.
+    pub(super) fn dedup_since(&self) -> i64 {
         let window = i64::try_from(self.config.paging.dedup_window_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX);
-        match self
-            .store
-            .open_for_patient(practice, patient, now_ms().saturating_sub(window))
-            .await
-        {
-            Ok(o) => o.map(|(id, severity)| Open { id, severity }),
-            Err(e) => {
-                tracing::error!(error = %e, "looking up the patient's open escalation failed");
-                None
-            }
-        }
+        now_ms().saturating_sub(window)
     }
 
     /// Starts a call's Tier 2 worker, if a classifier is configured.
@@ -531,18 +517,19 @@ impl Core {
         }
     }
 
-    /// Records an escalation, retrying briefly. False when the store cannot
-    /// take it: the caller sends no directive and ends the stream with
-    /// [`unrecorded`]. The failure is logged and counted.
+    /// Records an escalation, retrying briefly; what the store made of it.
+    /// None when the store cannot take it: the caller sends no directive
+    /// and ends the stream with [`unrecorded`]. The failure is logged and
+    /// counted.
     async fn record(
         &self,
         write: EscalationWrite,
         audit: AuditEvent,
         escalation_id: EscalationId,
-    ) -> bool {
+    ) -> Option<Escalated> {
         for attempt in 1..=RECORD_ATTEMPTS {
             match self.store.escalate(write.clone(), audit.clone()).await {
-                Ok(()) => return true,
+                Ok(done) => return Some(done),
                 Err(e) => {
                     tracing::error!(%escalation_id, attempt, error = %e, "recording an escalation failed");
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
@@ -550,7 +537,7 @@ impl Core {
             }
         }
         metrics::counter!("crisisd_escalations_unrecorded_total").increment(1);
-        false
+        None
     }
 
     pub(super) fn new_escalation(
@@ -996,28 +983,11 @@ impl CrisisDetection for Service {
         // referral already sent stands.
         let (write, escalation_id, directive) = match &trigger {
             None => (None, None, None),
-            Some(t) => match escalation::step(
-                match th.open {
-                    Some(o) => Some(o),
-                    None => core.patient_open(&m.practice, &m.patient).await,
-                },
-                t,
-            ) {
+            // Another conversation's open escalation for the patient is the
+            // store's to find, in the write's transaction (see below).
+            Some(t) => match escalation::step(th.open, t) {
                 // Attached to this thread's escalation: its referral stands.
-                Step::Attach(o) if th.open.is_some() => (None, Some(o.id), None),
-                // Attached to one from another conversation: no new page,
-                // but this thread gets its referral.
-                Step::Attach(o) => {
-                    open = Some(o);
-                    let d = core.directive(
-                        o.id,
-                        t,
-                        m.practice.as_str(),
-                        m.language.as_str(),
-                        m.id.as_str(),
-                    );
-                    (None, Some(o.id), Some(d))
-                }
+                Step::Attach(o) => (None, Some(o.id), None),
                 step => {
                     let (id, write, action) = match step {
                         Step::Raise(o) => (
@@ -1038,7 +1008,10 @@ impl CrisisDetection for Service {
                             );
                             (
                                 e.id,
-                                EscalationWrite::Create(Box::new(e)),
+                                EscalationWrite::CreateUnlessOpen {
+                                    escalation: Box::new(e),
+                                    since_ms: core.dedup_since(),
+                                },
                                 "escalation.create",
                             )
                         }
@@ -1066,16 +1039,28 @@ impl CrisisDetection for Service {
                 }
             },
         };
-        let v = MessageVerdict {
+        let mut v = MessageVerdict {
             escalation_id,
             directive,
         };
-        match core
+        let (recorded, done) = core
             .store
             .record_message(&m.id, &v, write, audit)
             .await
-            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        // Attached to (or raised) the patient's escalation from another
+        // conversation: no new page, and this thread's referral names that
+        // escalation, as the store recorded it.
+        if let Some(o) = done.map(Escalated::open)
+            && v.escalation_id != Some(o.id)
         {
+            open = Some(o);
+            v.escalation_id = Some(o.id);
+            if let Some(d) = v.directive.as_mut() {
+                d.escalation_id = o.id.to_string();
+            }
+        }
+        match recorded {
             Recorded::Duplicate => {
                 // Another request with this id won the race: its verdict stands.
                 let first = core

@@ -5,9 +5,12 @@
 //! a page (and on a short timer, for retries), finds who is on call for the
 //! practice in the roster, renders the SMS from the template, sends it, and
 //! marks the page delivered with the provider's message id and an audit
-//! row. A crash between send and mark sends the page again on restart: a
-//! page is repeated only when its delivery was not recorded, and never
-//! lost. A page carries severity, tier, an opaque patient reference, a short
+//! row. Pages are claimed in the store for a lease before they are sent,
+//! so that several replicas sharing one database never send the same page;
+//! one that dies holding claims loses them when the lease runs out, and
+//! another replica sends those pages. A crash between send and mark sends
+//! the page again: a page is repeated only when its delivery was not
+//! recorded, and never lost. A page carries severity, tier, an opaque patient reference, a short
 //! escalation id and the practice: never text, never a name.
 
 pub mod console;
@@ -76,21 +79,19 @@ pub struct Pager {
     /// Keys the opaque patient reference.
     pub patient_ref_secret: Vec<u8>,
     pub repage: RepagePolicy,
+    /// How long a claimed page is this pager's alone.
+    pub claim_lease_ms: i64,
     pub backup_after_failures: i64,
     pub backup_after_ms: i64,
 }
 
 impl Pager {
     /// Runs until `stop` turns true, waking on `wake` or the poll timer.
-    /// Pages go out concurrently, each claimed in memory while in flight so
-    /// the next round does not send it twice.
+    /// Pages go out concurrently, each claimed in the store while in flight
+    /// so that no round here or in another replica sends it twice.
     pub async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        // Page id → still in flight? A finished page is remembered until a
-        // read no longer shows it due: a read that raced its commit must not
-        // send it again.
-        let claimed: Arc<std::sync::Mutex<std::collections::HashMap<i64, bool>>> = Arc::default();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
@@ -115,31 +116,27 @@ impl Pager {
                 }
                 Err(e) => tracing::error!(error = %e, "reading the outbox depth failed"),
             }
-            match this.store.due_pages(now_ms(), BATCH).await {
+            // Claim no more than there are free slots: a claimed page waits
+            // for nothing but its send, so its lease is not spent queueing.
+            let free = u32::try_from(slots.available_permits())
+                .unwrap_or(BATCH)
+                .min(BATCH);
+            let claimed = if free == 0 {
+                Ok(Vec::new())
+            } else {
+                this.store
+                    .claim_pages(now_ms(), this.claim_lease_ms, free)
+                    .await
+            };
+            match claimed {
                 Ok(pages) => {
-                    {
-                        let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
-                        c.retain(|id, in_flight| *in_flight || pages.iter().any(|p| p.id == *id));
-                    }
                     for page in pages {
-                        let id = page.id;
-                        {
-                            let mut c = claimed.lock().unwrap_or_else(|e| e.into_inner());
-                            if c.contains_key(&id) {
-                                continue;
-                            }
-                            c.insert(id, true);
-                        }
                         let Ok(slot) = slots.clone().acquire_owned().await else {
                             break;
                         };
-                        let (pager, claimed) = (this.clone(), claimed.clone());
+                        let pager = this.clone();
                         tasks.spawn(async move {
                             pager.deliver(page).await;
-                            claimed
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(id, false);
                             drop(slot);
                         });
                     }

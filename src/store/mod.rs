@@ -1,12 +1,13 @@
 //! Durable state: escalations, their outbox of pages, message verdicts and
 //! the audit log.
 //!
-//! One seam, the [`Store`] trait, with SQLite as the embedded default (and
-//! PostgreSQL for several replicas, a later issue). Every write that changes
+//! One seam, the [`Store`] trait, with SQLite as the embedded default and
+//! PostgreSQL for several replicas sharing one database. Every write that changes
 //! what happened to a patient is one transaction: the escalation, its page
 //! in the outbox and its audit row commit together or not at all, before
 //! the service answers.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use thiserror::Error;
 
 use crate::audit::{AuditEvent, AuditRow};
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
-use crate::escalation::{Directive, Escalation};
+use crate::escalation::{Directive, Escalation, Open};
 use crate::ids::{AppointmentEventId, CallId, EscalationId, MessageId, PatientId, PracticeId};
 use crate::tier3;
 
@@ -31,6 +32,13 @@ pub enum StoreError {
     Corrupt { op: &'static str, message: String },
     #[error("opening the store at {path}: {message}")]
     Open { path: String, message: String },
+    /// Connecting to PostgreSQL; never names the URL (it may hold a
+    /// password).
+    #[error("connecting to the database (store.url): {source}")]
+    Connect {
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 /// The verdict given for one inbound message, kept so that a repeated
@@ -51,6 +59,91 @@ pub enum EscalationWrite {
         id: EscalationId,
         severity: Severity,
     },
+    /// A new escalation, unless the patient already has one open or
+    /// acknowledged and created since `since_ms` (the dedup window): then
+    /// the trigger attaches to that one, raising it (and paging again) when
+    /// its severity is higher. Decided inside the write's transaction, under
+    /// a per-patient lock, so that two conversations, or two replicas,
+    /// escalating one patient at the same moment make one escalation and
+    /// one page. The audit row and verdict prepared for the new escalation
+    /// are retargeted to the one it attached to.
+    CreateUnlessOpen {
+        escalation: Box<Escalation>,
+        since_ms: i64,
+    },
+}
+
+/// What an escalation write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escalated {
+    /// A new escalation, paged.
+    Created(Open),
+    /// The patient's open escalation took the trigger; nothing was written.
+    Attached(Open),
+    /// An open escalation's severity rose (now the one given), paged again.
+    Raised(Open),
+}
+
+impl Escalated {
+    /// The escalation the trigger ended up on, with its severity now.
+    pub fn open(self) -> Open {
+        match self {
+            Escalated::Created(o) | Escalated::Attached(o) | Escalated::Raised(o) => o,
+        }
+    }
+}
+
+/// How a [`EscalationWrite::CreateUnlessOpen`] turns out once the patient's
+/// open escalation (looked up under the lock) is known.
+pub(crate) enum Dedup {
+    Create,
+    Attach(Open),
+    Raise(Open),
+}
+
+impl Dedup {
+    pub(crate) fn decide(open: Option<Open>, severity: Severity) -> Dedup {
+        match open {
+            None => Dedup::Create,
+            Some(o) if severity > o.severity => Dedup::Raise(o),
+            Some(o) => Dedup::Attach(o),
+        }
+    }
+}
+
+/// Points what was prepared for a new escalation `from` at the one it
+/// attached to: the audit row of a rise says so and names it; on a plain
+/// attach the creation's audit row is dropped (nothing happened to record).
+pub(crate) fn retarget(
+    audit: &mut Vec<AuditEvent>,
+    verdict: Option<&mut MessageVerdict>,
+    from: EscalationId,
+    to: &Dedup,
+) {
+    let (target, raised) = match to {
+        Dedup::Create => return,
+        Dedup::Attach(o) => (o.id, false),
+        Dedup::Raise(o) => (o.id, true),
+    };
+    let subject = format!("escalation:{from}");
+    if raised {
+        for e in audit.iter_mut().filter(|e| e.subject == subject) {
+            e.action = "escalation.raise".to_string();
+            e.subject = format!("escalation:{target}");
+        }
+    } else {
+        audit.retain(|e| e.subject != subject);
+    }
+    if let Some(v) = verdict {
+        if v.escalation_id == Some(from) {
+            v.escalation_id = Some(target);
+        }
+        if let Some(d) = v.directive.as_mut()
+            && d.escalation_id == from.to_string()
+        {
+            d.escalation_id = target.to_string();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,18 +290,23 @@ pub const APPOINTMENT_DEDUP_MS: i64 = 400 * 86_400_000;
 pub trait Store: Send + Sync {
     /// Records an escalation (new, or a rise in severity) with its page in
     /// the outbox and its audit row, in one transaction.
-    async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError>;
+    async fn escalate(
+        &self,
+        write: EscalationWrite,
+        audit: AuditEvent,
+    ) -> Result<Escalated, StoreError>;
 
     /// Records an inbound message's verdict, any escalation it causes, and
     /// the audit rows, in one transaction; unless the message id was
-    /// recorded before, in which case nothing is written.
+    /// recorded before, in which case nothing is written. With a write, also
+    /// what it did (the verdict recorded names the escalation it ended on).
     async fn record_message(
         &self,
         message: &MessageId,
         verdict: &MessageVerdict,
         write: Option<EscalationWrite>,
         audit: Vec<AuditEvent>,
-    ) -> Result<Recorded, StoreError>;
+    ) -> Result<(Recorded, Option<Escalated>), StoreError>;
 
     /// The verdict recorded for a message id, if any.
     async fn message_verdict(
@@ -230,8 +328,20 @@ pub trait Store: Send + Sync {
     /// so that rows cut from its end are noticed.
     async fn audit_head(&self) -> Result<(i64, String), StoreError>;
 
-    /// Pages due for delivery.
+    /// Pages due for delivery (a read: claimed ones included).
     async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError>;
+
+    /// Claims pages due for delivery and not claimed by anyone (or whose
+    /// claim's lease ran out) for `lease_ms`: until then no other pager,
+    /// in this process or another replica, gets them. Delivered or failed
+    /// releases the claim; a pager that dies holding one loses it when the
+    /// lease expires, and another takes the page over.
+    async fn claim_pages(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Page>, StoreError>;
 
     /// Marks a page delivered and appends its audit row, together.
     async fn page_delivered(&self, delivery: Delivery, audit: AuditEvent)
@@ -306,7 +416,16 @@ pub trait Store: Send + Sync {
     /// and queued directive, and audit rows, in one transaction, and prunes
     /// the patient's history; unless the event id was recorded before, in
     /// which case nothing is written.
-    async fn record_appointment(&self, record: AppointmentRecord) -> Result<Recorded, StoreError>;
+    ///
+    /// The escalation write is [`EscalationWrite::CreateUnlessOpen`]: the
+    /// store decides, in the transaction, whether it opens, raises or
+    /// attaches; the directive is queued only for the first two, naming
+    /// the escalation it ended on. Returns the answer as recorded (for a
+    /// duplicate, the first one).
+    async fn record_appointment(
+        &self,
+        record: AppointmentRecord,
+    ) -> Result<(Recorded, AppointmentAnswer), StoreError>;
 
     /// Remembers a call of the patient (started, or a review in it).
     async fn record_call(&self, call: CallContact) -> Result<(), StoreError>;

@@ -25,21 +25,29 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
     APPOINTMENT_DEDUP_MS, AppointmentAnswer, AppointmentRecord, CALLS_PER_PATIENT, CallContact,
-    Delivery, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget, QueuedDirective,
-    Recorded, RepagePolicy, Store, StoreError,
+    Dedup, Delivery, Escalated, EscalationQuery, EscalationWrite, MessageVerdict, Page, PageTarget,
+    QueuedDirective, Recorded, RepagePolicy, Store, StoreError, retarget,
 };
 use crate::audit::{AuditEvent, AuditRow, GENESIS};
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
-use crate::escalation::{Directive, Escalation, Handling, Origin, now_ms};
+use crate::escalation::{Directive, Escalation, Handling, Open, Origin, now_ms};
 use crate::ids::{
     AppointmentEventId, AppointmentId, EscalationId, MessageId, PatientId, PracticeId,
 };
 use crate::tier3;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
-/// Each step takes the schema from its index to the next version.
-const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5];
+/// Each step takes the schema from its index to the next version. The
+/// PostgreSQL store has the same versions with the same meaning.
+const MIGRATIONS: &[&str] = &[SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5, SCHEMA_6];
+
+/// Version 6 is PostgreSQL's page claims and per-patient lock rows. A
+/// SQLite file has one serving process and one writer, which need neither:
+/// claims live in that process's memory (see `SqliteStore::claims`) and
+/// the writer serializes every patient's escalations. The step keeps the
+/// two backends' version numbers in step.
+const SCHEMA_6: &str = "SELECT 1;";
 
 /// Version 5: Tier 3. Escalations may arise from an appointment (channel
 /// `schedule`), which the channel's CHECK refused: SQLite cannot alter a
@@ -250,16 +258,16 @@ enum Job {
     Escalate {
         write: EscalationWrite,
         audit: AuditEvent,
-        reply: Reply<()>,
+        reply: Reply<Escalated>,
     },
     Message {
         message: String,
-        escalation_id: Option<String>,
-        directive: Option<String>,
+        verdict: MessageVerdict,
         write: Option<EscalationWrite>,
         audit: Vec<AuditEvent>,
-        reply: Reply<Recorded>,
+        reply: Reply<(Recorded, Option<Escalated>)>,
     },
+
     Audit {
         event: AuditEvent,
         reply: Reply<()>,
@@ -297,7 +305,7 @@ enum Job {
     },
     Appointment {
         record: Box<AppointmentRecord>,
-        reply: Reply<Recorded>,
+        reply: Reply<(Recorded, AppointmentAnswer)>,
     },
     Call {
         call: CallContact,
@@ -314,39 +322,62 @@ enum Job {
     },
 }
 
-/// A job's outcome, sent once its group has committed.
-enum Done {
-    Unit(Reply<()>, Result<(), StoreError>),
-    Recorded(Reply<Recorded>, Result<Recorded, StoreError>),
-    Value(Reply<u64>, Result<u64, StoreError>),
+/// Where a job's answer goes.
+enum JobReply {
+    Unit(Reply<()>),
+    Value(Reply<u64>),
+    Escalated(Reply<Escalated>),
+    Message(Reply<(Recorded, Option<Escalated>)>),
+    Appointment(Reply<(Recorded, AppointmentAnswer)>),
 }
+
+/// What a job produced.
+enum Out {
+    Unit,
+    Value(u64),
+    Escalated(Escalated),
+    Message(Recorded, Option<Escalated>),
+    Appointment(Recorded, AppointmentAnswer),
+}
+
+/// A job's outcome, sent once its group has committed.
+struct Done(JobReply, Result<Out, StoreError>);
 
 impl Done {
     fn fail(self, op: &'static str, message: &str) {
-        let e = || corrupt(op, message.to_string());
-        match self {
-            Done::Unit(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-            Done::Recorded(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-            Done::Value(r, _) => {
-                let _ = r.send(Err(e()));
-            }
-        }
+        Done(self.0, Err(corrupt(op, message.to_string()))).send();
     }
 
     fn send(self) {
-        match self {
-            Done::Unit(r, v) => {
-                let _ = r.send(v);
+        let mismatch = || corrupt("write", "internal: a job's answer of the wrong kind");
+        // A receiver gone (the caller gave up) is not an error here.
+        match (self.0, self.1) {
+            (JobReply::Unit(r), v) => {
+                let _ = r.send(v.map(|_| ()));
             }
-            Done::Recorded(r, v) => {
-                let _ = r.send(v);
+            (JobReply::Value(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Value(n) => Ok(n),
+                    _ => Err(mismatch()),
+                }));
             }
-            Done::Value(r, v) => {
-                let _ = r.send(v);
+            (JobReply::Escalated(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Escalated(e) => Ok(e),
+                    _ => Err(mismatch()),
+                }));
+            }
+            (JobReply::Message(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Message(rec, e) => Ok((rec, e)),
+                    _ => Err(mismatch()),
+                }));
+            }
+            (JobReply::Appointment(r), v) => {
+                let _ = r.send(v.and_then(|o| match o {
+                    Out::Appointment(rec, a) => Ok((rec, a)),
+                    _ => Err(mismatch()),
+                }));
             }
         }
     }
@@ -366,6 +397,13 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// The database's folder, whose free space the probe checks.
     dir: std::path::PathBuf,
+    /// Pages this process's pager holds: page id → claimed until (ms).
+    /// One process serves a SQLite file, so a claim need not outlive it
+    /// (after a crash every undelivered page is due at once) and need not
+    /// cost the writer a commit. A delivered page keeps its entry until it
+    /// expires, so that a read begun before the delivery committed cannot
+    /// hand the page out again.
+    claims: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
 }
 
 /// Below this much free space on the database's disk the store reports
@@ -484,6 +522,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(task)),
             checkpoints: Mutex::new(Some((stop, checkpoints))),
             reader,
+            claims: Default::default(),
         })
     }
 
@@ -558,7 +597,11 @@ async fn commit_group(
     jobs: impl Iterator<Item = Job>,
     done: &mut Vec<Done>,
 ) -> Result<Head, StoreError> {
-    let mut tx = match pool.begin().await {
+    // IMMEDIATE: the write lock from the start. A group may now begin with
+    // a read (the patient's open escalation); under a deferred BEGIN that
+    // read's snapshot then had to be upgraded to a write, and the bench's
+    // p99 went from 4 ms to 17-28 ms.
+    let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
         Ok(tx) => tx,
         Err(e) => {
             // Answer every job of the group; nothing was written.
@@ -593,48 +636,36 @@ async fn commit_group(
                 .await
                 .map_err(db("savepoint"))?;
         }
-        done.push(match (reply, outcome) {
-            (JobReply::Unit(r), o) => Done::Unit(r, o.map(|_| ())),
-            (JobReply::Recorded(r), o) => Done::Recorded(r, o.map(|(rec, _)| rec)),
-            (JobReply::Value(r), o) => Done::Value(r, o.map(|(_, v)| v)),
-        });
+        done.push(Done(reply, outcome));
     }
     tx.commit().await.map_err(db("commit"))?;
     Ok(h)
 }
 
-enum JobReply {
-    Unit(Reply<()>),
-    Recorded(Reply<Recorded>),
-    Value(Reply<u64>),
-}
-
 fn job_reply(job: Job) -> Done {
-    let e = Ok(());
-    match job {
-        Job::Escalate { reply, .. }
-        | Job::Audit { reply, .. }
+    let reply = match job {
+        Job::Audit { reply, .. }
         | Job::PageDelivered { reply, .. }
         | Job::PageFailed { reply, .. }
         | Job::PageBackup { reply, .. }
         | Job::Call { reply, .. }
-        | Job::Probe { reply } => Done::Unit(reply, e),
-        Job::Message { reply, .. } | Job::Appointment { reply, .. } => {
-            Done::Recorded(reply, Ok(Recorded::New))
-        }
+        | Job::Probe { reply } => JobReply::Unit(reply),
+        Job::Escalate { reply, .. } => JobReply::Escalated(reply),
+        Job::Message { reply, .. } => JobReply::Message(reply),
+        Job::Appointment { reply, .. } => JobReply::Appointment(reply),
         Job::Handle { reply, .. } | Job::Repage { reply, .. } | Job::AckDirective { reply, .. } => {
-            Done::Value(reply, Ok(0))
+            JobReply::Value(reply)
         }
-    }
+    };
+    Done(reply, Ok(Out::Unit))
 }
 
-/// Runs one job inside the group's transaction. `Ok(Recorded)` for every
-/// job that wrote (messages may be duplicates).
+/// Runs one job inside the group's transaction.
 async fn run_job(
     tx: &mut Transaction<'_, Sqlite>,
     head: &mut Head,
     job: Job,
-) -> (JobReply, Result<(Recorded, u64), StoreError>) {
+) -> (JobReply, Result<Out, StoreError>) {
     match job {
         Job::Escalate {
             write,
@@ -642,54 +673,71 @@ async fn run_job(
             reply,
         } => {
             let r = async {
-                write_escalation(tx, &write).await?;
-                *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
-                Ok(Recorded::New)
+                let mut audit = vec![audit];
+                let done = write_escalation(tx, &write, &mut audit, None).await?;
+                *head = append_audit(tx, head, &audit).await?;
+                Ok(Out::Escalated(done))
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Escalated(reply), r)
         }
         Job::Audit { event, reply } => {
             let r = async {
                 *head = append_audit(tx, head, std::slice::from_ref(&event)).await?;
-                Ok(Recorded::New)
+                Ok(Out::Unit)
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::Message {
             message,
-            escalation_id,
-            directive,
+            mut verdict,
             write,
-            audit,
+            mut audit,
             reply,
         } => {
             let r = async {
-                let inserted = sqlx::query(
+                // The only writer: nothing can record this id between this
+                // check and the insert below.
+                let seen: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM messages WHERE message_id = ?")
+                        .bind(&message)
+                        .fetch_optional(&mut **tx)
+                        .await
+                        .map_err(db("recording a message"))?;
+                if seen.is_some() {
+                    // Seen before: the first verdict stands, nothing changes.
+                    return Ok(Out::Message(Recorded::Duplicate, None));
+                }
+                // The escalation before the verdict: a dedup retargets it.
+                let done = match &write {
+                    Some(write) => {
+                        Some(write_escalation(tx, write, &mut audit, Some(&mut verdict)).await?)
+                    }
+                    None => None,
+                };
+                let directive = verdict
+                    .directive
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| corrupt("recording a message", e.to_string()))?;
+                sqlx::query(
                     "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
-                     VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                     VALUES (?, ?, ?, ?)",
                 )
                 .bind(&message)
-                .bind(escalation_id)
+                .bind(verdict.escalation_id.map(|e| e.to_string()))
                 .bind(directive)
                 .bind(now_ms())
                 .execute(&mut **tx)
                 .await
-                .map_err(db("recording a message"))?
-                .rows_affected();
-                if inserted == 0 {
-                    // Seen before: the first verdict stands, nothing changes.
-                    return Ok(Recorded::Duplicate);
-                }
-                if let Some(write) = &write {
-                    write_escalation(tx, write).await?;
-                }
+                .map_err(db("recording a message"))?;
                 *head = append_audit(tx, head, &audit).await?;
-                Ok(Recorded::New)
+                Ok(Out::Message(Recorded::New, done))
             }
             .await;
-            (JobReply::Recorded(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Message(reply), r)
         }
         Job::PageDelivered {
             delivery,
@@ -710,10 +758,10 @@ async fn run_job(
                 .await
                 .map_err(db("marking a page delivered"))?;
                 *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
-                Ok(Recorded::New)
+                Ok(Out::Unit)
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::PageFailed {
             page,
@@ -727,9 +775,9 @@ async fn run_job(
             .bind(page)
             .execute(&mut **tx)
             .await
-            .map(|_| Recorded::New)
+            .map(|_| Out::Unit)
             .map_err(db("marking a page failed"));
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::Handle {
             id,
@@ -784,7 +832,7 @@ async fn run_job(
                     .map_err(db("cancelling pages"))?;
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, u64::from(exists.is_some())))
+                Ok(Out::Value(u64::from(exists.is_some())))
             }
             .await;
             (JobReply::Value(reply), r)
@@ -845,18 +893,20 @@ async fn run_job(
                     };
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, due.len() as u64))
+                Ok(Out::Value(due.len() as u64))
             }
             .await;
             (JobReply::Value(reply), r)
         }
         Job::Appointment { record, reply } => {
-            let r = record_appointment(tx, head, &record).await;
-            (JobReply::Recorded(reply), r.map(|rec| (rec, 0)))
+            let r = record_appointment(tx, head, *record)
+                .await
+                .map(|(rec, a)| Out::Appointment(rec, a));
+            (JobReply::Appointment(reply), r)
         }
         Job::Call { call, reply } => {
-            let r = record_call(tx, &call).await.map(|()| Recorded::New);
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            let r = record_call(tx, &call).await.map(|()| Out::Unit);
+            (JobReply::Unit(reply), r)
         }
         Job::Probe { reply } => {
             let r = async {
@@ -876,10 +926,10 @@ async fn run_job(
                 .execute(&mut **tx)
                 .await
                 .map_err(db("probing"))?;
-                Ok(Recorded::New)
+                Ok(Out::Unit)
             }
             .await;
-            (JobReply::Unit(reply), r.map(|rec| (rec, 0)))
+            (JobReply::Unit(reply), r)
         }
         Job::AckDirective {
             id,
@@ -908,7 +958,7 @@ async fn run_job(
                 if changed > 0 {
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, u64::from(exists.is_some())))
+                Ok(Out::Value(u64::from(exists.is_some())))
             }
             .await;
             (JobReply::Value(reply), r)
@@ -947,7 +997,7 @@ async fn run_job(
                     .map_err(db("queueing a backup page"))?;
                     *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
                 }
-                Ok((Recorded::New, 0))
+                Ok(Out::Unit)
             }
             .await;
             (JobReply::Unit(reply), r)
@@ -1019,6 +1069,10 @@ async fn append_audit(
     head: &Head,
     events: &[AuditEvent],
 ) -> Result<Head, StoreError> {
+    if events.is_empty() {
+        // An attach to the patient's open escalation: nothing to record.
+        return Ok(head.clone());
+    }
     let (mut seq, mut hash) = (head.seq, head.hash.clone());
     for e in events {
         seq += 1;
@@ -1053,11 +1107,34 @@ async fn append_audit(
 async fn record_appointment(
     tx: &mut Transaction<'_, Sqlite>,
     head: &mut Head,
-    rec: &AppointmentRecord,
-) -> Result<Recorded, StoreError> {
+    mut rec: AppointmentRecord,
+) -> Result<(Recorded, AppointmentAnswer), StoreError> {
     const OP: &str = "recording an appointment event";
     let now = now_ms();
-    let (practice, patient) = (rec.practice.as_str(), rec.patient.expose());
+    let (practice, patient) = (rec.practice.as_str().to_string(), rec.patient.expose().to_string());
+    let (practice, patient) = (practice.as_str(), patient.as_str());
+    // Seen before: the first answer stands, nothing changes. (The single
+    // writer makes this read and the writes below one step.)
+    let first: Option<String> = sqlx::query_scalar(
+        "SELECT answer FROM appointment_answers WHERE practice_id = ? AND event_id = ?",
+    )
+    .bind(practice)
+    .bind(rec.event.id.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db(OP))?;
+    if let Some(first) = first {
+        let a = serde_json::from_str(&first).map_err(|_| corrupt(OP, "bad answer"))?;
+        return Ok((Recorded::Duplicate, a));
+    }
+    // The escalation first: whether it opens, raises or attaches (decided
+    // here, under the writer) sets the answer and whether a directive goes.
+    let mut outcome = None;
+    if let Some(write) = &rec.write {
+        let e = write_escalation(tx, write, &mut rec.audit, None).await?;
+        rec.answer.escalation_id = Some(e.open().id.to_string());
+        outcome = Some(e);
+    }
     let answer = serde_json::to_string(&rec.answer).map_err(|e| corrupt(OP, e.to_string()))?;
     let inserted = sqlx::query(
         "INSERT INTO appointment_answers (practice_id, event_id, answer, received_at_ms)
@@ -1072,8 +1149,7 @@ async fn record_appointment(
     .map_err(db(OP))?
     .rows_affected();
     if inserted == 0 {
-        // Seen before: the first answer stands, nothing changes.
-        return Ok(Recorded::Duplicate);
+        return Err(corrupt(OP, "an answer appeared under the writer"));
     }
     let e = &rec.event;
     sqlx::query(
@@ -1106,10 +1182,15 @@ async fn record_appointment(
         .await
         .map_err(db(OP))?;
     }
-    if let Some(write) = &rec.write {
-        write_escalation(tx, write).await?;
-    }
-    if let Some(d) = &rec.directive {
+    // A referral goes with a new escalation or a rise, never an attach.
+    let directs = matches!(
+        outcome,
+        Some(Escalated::Created(_)) | Some(Escalated::Raised(_))
+    );
+    if let Some(d) = rec.directive.as_mut().filter(|_| directs) {
+        if let Some(e) = outcome {
+            d.directive.escalation_id = e.open().id.to_string();
+        }
         let body = serde_json::to_string(&d.directive).map_err(|e| corrupt(OP, e.to_string()))?;
         sqlx::query(
             "INSERT INTO directive_outbox (directive_id, practice_id, patient_id, escalation_id,
@@ -1158,7 +1239,7 @@ async fn record_appointment(
         .await
         .map_err(db("pruning appointment answers"))?;
     *head = append_audit(tx, head, &rec.audit).await?;
-    Ok(Recorded::New)
+    Ok((Recorded::New, rec.answer))
 }
 
 async fn record_call(tx: &mut Transaction<'_, Sqlite>, c: &CallContact) -> Result<(), StoreError> {
@@ -1230,77 +1311,171 @@ fn event_from_row(r: &SqliteRow) -> Result<tier3::Event, StoreError> {
     })
 }
 
+/// The patient's most recent escalation still open or acknowledged and
+/// created since `since_ms`; read inside the writer's transaction, so
+/// nothing can open another for the patient before this write commits.
+async fn open_in_tx(
+    tx: &mut Transaction<'_, Sqlite>,
+    e: &Escalation,
+    since_ms: i64,
+) -> Result<Option<Open>, StoreError> {
+    const OP: &str = "finding the patient's open escalation";
+    let Some(r) = sqlx::query(OPEN_FOR_PATIENT)
+        .bind(e.practice.as_str())
+        .bind(e.patient.expose())
+        .bind(since_ms)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db(OP))?
+    else {
+        return Ok(None);
+    };
+    open_from_row(&r, OP).map(Some)
+}
+
+const OPEN_FOR_PATIENT: &str = "SELECT id, severity FROM escalations
+     WHERE practice_id = ? AND patient_id = ? AND state IN ('open', 'acknowledged')
+       AND created_at_ms >= ?
+     ORDER BY created_at_ms DESC LIMIT 1";
+
+fn open_from_row(r: &SqliteRow, op: &'static str) -> Result<Open, StoreError> {
+    let id: String = r.try_get("id").map_err(db(op))?;
+    let sev: i64 = r.try_get("severity").map_err(db(op))?;
+    Ok(Open {
+        id: EscalationId::parse(&id).map_err(|_| corrupt(op, "bad escalation id"))?,
+        severity: Severity::from_code(sev).ok_or_else(|| corrupt(op, "bad severity"))?,
+    })
+}
+
+/// Writes an escalation (or attaches it to the patient's open one, see
+/// [`EscalationWrite::CreateUnlessOpen`]); `audit` and `verdict` are
+/// retargeted to match.
 async fn write_escalation(
     tx: &mut Transaction<'_, Sqlite>,
     write: &EscalationWrite,
-) -> Result<(), StoreError> {
-    let now = now_ms();
+    audit: &mut Vec<AuditEvent>,
+    verdict: Option<&mut MessageVerdict>,
+) -> Result<Escalated, StoreError> {
     match write {
-        EscalationWrite::Create(e) => {
-            sqlx::query(
-                "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
-                     rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.id.to_string())
-            .bind(e.practice.as_str())
-            .bind(e.patient.expose())
-            .bind(e.origin.id())
-            .bind(e.origin.channel())
-            .bind(e.tier.code())
-            .bind(&e.rule_id)
-            .bind(&e.reason_code)
-            .bind(e.severity.code())
-            .bind(e.state.as_str())
-            .bind(&e.utterance_id)
-            .bind(e.created_at_ms)
-            .bind(now)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("recording an escalation"))?;
-            sqlx::query(
-                "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(e.id.to_string())
-            .bind(e.severity.code())
-            .bind(e.practice.as_str())
-            .bind(now)
-            .bind(now)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("queueing a page"))?;
-        }
-        EscalationWrite::Raise { id, severity } => {
-            let practice: Option<String> = sqlx::query_scalar(
-                "UPDATE escalations SET severity = ?, updated_at_ms = ?
-                 WHERE id = ? AND severity < ? RETURNING practice_id",
-            )
-            .bind(severity.code())
-            .bind(now)
-            .bind(id.to_string())
-            .bind(severity.code())
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db("raising an escalation"))?;
-            // Already at or above this severity: nothing to page again.
-            if let Some(practice) = practice {
-                sqlx::query(
-                    "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(id.to_string())
-                .bind(severity.code())
-                .bind(practice)
-                .bind(now)
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .map_err(db("queueing a page"))?;
+        EscalationWrite::Create(e) => create(tx, e).await,
+        EscalationWrite::Raise { id, severity } => raise(tx, *id, *severity).await,
+        EscalationWrite::CreateUnlessOpen {
+            escalation,
+            since_ms,
+        } => {
+            let open = open_in_tx(tx, escalation, *since_ms).await?;
+            let dedup = Dedup::decide(open, escalation.severity);
+            retarget(audit, verdict, escalation.id, &dedup);
+            match dedup {
+                Dedup::Create => create(tx, escalation).await,
+                Dedup::Attach(o) => Ok(Escalated::Attached(o)),
+                Dedup::Raise(o) => raise(tx, o.id, escalation.severity).await,
             }
         }
     }
-    Ok(())
+}
+
+async fn create(tx: &mut Transaction<'_, Sqlite>, e: &Escalation) -> Result<Escalated, StoreError> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
+             rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.practice.as_str())
+    .bind(e.patient.expose())
+    .bind(e.origin.id())
+    .bind(e.origin.channel())
+    .bind(e.tier.code())
+    .bind(&e.rule_id)
+    .bind(&e.reason_code)
+    .bind(e.severity.code())
+    .bind(e.state.as_str())
+    .bind(&e.utterance_id)
+    .bind(e.created_at_ms)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("recording an escalation"))?;
+    sqlx::query(
+        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.severity.code())
+    .bind(e.practice.as_str())
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("queueing a page"))?;
+    Ok(Escalated::Created(Open {
+        id: e.id,
+        severity: e.severity,
+    }))
+}
+
+async fn raise(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: EscalationId,
+    severity: Severity,
+) -> Result<Escalated, StoreError> {
+    let now = now_ms();
+    let practice: Option<String> = sqlx::query_scalar(
+        "UPDATE escalations SET severity = ?, updated_at_ms = ?
+         WHERE id = ? AND severity < ? RETURNING practice_id",
+    )
+    .bind(severity.code())
+    .bind(now)
+    .bind(id.to_string())
+    .bind(severity.code())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db("raising an escalation"))?;
+    let open = Open { id, severity };
+    // Already at or above this severity: nothing to page again.
+    let Some(practice) = practice else {
+        return Ok(Escalated::Attached(open));
+    };
+    sqlx::query(
+        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(severity.code())
+    .bind(practice)
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("queueing a page"))?;
+    Ok(Escalated::Raised(open))
+}
+
+const PAGE_COLUMNS: &str = "o.id, o.escalation_id, o.severity, o.practice_id, o.attempts,
+     o.created_at_ms, o.target, o.backup_queued, e.tier, e.patient_id";
+
+fn page_from_row(r: &SqliteRow, op: &'static str) -> Result<Page, StoreError> {
+    let esc: String = r.try_get("escalation_id").map_err(db(op))?;
+    let sev: i64 = r.try_get("severity").map_err(db(op))?;
+    let tier: i64 = r.try_get("tier").map_err(db(op))?;
+    let patient: String = r.try_get("patient_id").map_err(db(op))?;
+    Ok(Page {
+        id: r.try_get("id").map_err(db(op))?,
+        escalation_id: EscalationId::parse(&esc).map_err(|_| corrupt(op, "bad escalation id"))?,
+        severity: Severity::from_code(sev).ok_or_else(|| corrupt(op, "bad severity"))?,
+        tier: Tier::from_code(tier).ok_or_else(|| corrupt(op, "bad tier"))?,
+        practice: r.try_get("practice_id").map_err(db(op))?,
+        patient: PatientId::parse(&patient).map_err(|_| corrupt(op, "bad patient id"))?,
+        attempts: r.try_get("attempts").map_err(db(op))?,
+        created_at_ms: r.try_get("created_at_ms").map_err(db(op))?,
+        target: match r.try_get::<String, _>("target").map_err(db(op))?.as_str() {
+            "backup" => PageTarget::Backup,
+            _ => PageTarget::Primary,
+        },
+        backup_queued: r.try_get::<i64, _>("backup_queued").map_err(db(op))? != 0,
+    })
 }
 
 fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
@@ -1348,7 +1523,11 @@ fn escalation_from_row(r: &SqliteRow) -> Result<Escalation, StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn escalate(&self, write: EscalationWrite, audit: AuditEvent) -> Result<(), StoreError> {
+    async fn escalate(
+        &self,
+        write: EscalationWrite,
+        audit: AuditEvent,
+    ) -> Result<Escalated, StoreError> {
         self.submit(|reply| Job::Escalate {
             write,
             audit,
@@ -1363,18 +1542,10 @@ impl Store for SqliteStore {
         verdict: &MessageVerdict,
         write: Option<EscalationWrite>,
         audit: Vec<AuditEvent>,
-    ) -> Result<Recorded, StoreError> {
-        let directive = match &verdict.directive {
-            Some(d) => Some(
-                serde_json::to_string(d)
-                    .map_err(|e| corrupt("recording a message", e.to_string()))?,
-            ),
-            None => None,
-        };
+    ) -> Result<(Recorded, Option<Escalated>), StoreError> {
         self.submit(|reply| Job::Message {
             message: message.as_str().to_string(),
-            escalation_id: verdict.escalation_id.map(|e| e.to_string()),
-            directive,
+            verdict: verdict.clone(),
             write,
             audit,
             reply,
@@ -1489,44 +1660,48 @@ impl Store for SqliteStore {
 
     async fn due_pages(&self, now_ms: i64, limit: u32) -> Result<Vec<Page>, StoreError> {
         const OP: &str = "reading due pages";
-        let rows = sqlx::query(
-            "SELECT o.id, o.escalation_id, o.severity, o.practice_id, o.attempts, o.created_at_ms,
-                    o.target, o.backup_queued, e.tier, e.patient_id
-             FROM outbox o JOIN escalations e ON e.id = o.escalation_id
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {PAGE_COLUMNS} FROM outbox o JOIN escalations e ON e.id = o.escalation_id
              WHERE o.delivered_at_ms IS NULL AND o.next_attempt_at_ms <= ?
-             ORDER BY o.next_attempt_at_ms, o.id LIMIT ?",
-        )
+             ORDER BY o.next_attempt_at_ms, o.id LIMIT ?"
+        )))
         .bind(now_ms)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await
         .map_err(db(OP))?;
-        rows.iter()
-            .map(|r| {
-                let esc: String = r.try_get("escalation_id").map_err(db(OP))?;
-                let sev: i64 = r.try_get("severity").map_err(db(OP))?;
-                let tier: i64 = r.try_get("tier").map_err(db(OP))?;
-                let patient: String = r.try_get("patient_id").map_err(db(OP))?;
-                Ok(Page {
-                    id: r.try_get("id").map_err(db(OP))?,
-                    escalation_id: EscalationId::parse(&esc)
-                        .map_err(|_| corrupt(OP, "bad escalation id"))?,
-                    severity: Severity::from_code(sev)
-                        .ok_or_else(|| corrupt(OP, "bad severity"))?,
-                    tier: Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
-                    practice: r.try_get("practice_id").map_err(db(OP))?,
-                    patient: PatientId::parse(&patient)
-                        .map_err(|_| corrupt(OP, "bad patient id"))?,
-                    attempts: r.try_get("attempts").map_err(db(OP))?,
-                    created_at_ms: r.try_get("created_at_ms").map_err(db(OP))?,
-                    target: match r.try_get::<String, _>("target").map_err(db(OP))?.as_str() {
-                        "backup" => PageTarget::Backup,
-                        _ => PageTarget::Primary,
-                    },
-                    backup_queued: r.try_get::<i64, _>("backup_queued").map_err(db(OP))? != 0,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| page_from_row(r, OP)).collect()
+    }
+
+    async fn claim_pages(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Page>, StoreError> {
+        let held = {
+            let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+            claims.retain(|_, until| *until > now_ms);
+            claims.len()
+        };
+        // Enough to find `limit` free ones behind those held.
+        let want = u32::try_from(held)
+            .unwrap_or(u32::MAX)
+            .saturating_add(limit);
+        let due = self.due_pages(now_ms, want).await?;
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for page in due {
+            if out.len() >= limit as usize {
+                break;
+            }
+            if claims.get(&page.id).is_some_and(|until| *until > now_ms) {
+                continue;
+            }
+            claims.insert(page.id, now_ms.saturating_add(lease_ms));
+            out.push(page);
+        }
+        Ok(out)
     }
 
     async fn page_delivered(
@@ -1548,7 +1723,14 @@ impl Store for SqliteStore {
             retry_at_ms,
             reply,
         })
-        .await
+        .await?;
+        // Free again at its retry, not before: a read begun before this
+        // commit still shows it due now.
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(page, retry_at_ms);
+        Ok(())
     }
 
     async fn acknowledge(
@@ -1624,27 +1806,18 @@ impl Store for SqliteStore {
         since_ms: i64,
     ) -> Result<Option<(EscalationId, Severity)>, StoreError> {
         const OP: &str = "finding the patient's open escalation";
-        let Some(r) = sqlx::query(
-            "SELECT id, severity FROM escalations
-             WHERE practice_id = ? AND patient_id = ? AND state IN ('open', 'acknowledged')
-               AND created_at_ms >= ?
-             ORDER BY created_at_ms DESC LIMIT 1",
-        )
-        .bind(practice.as_str())
-        .bind(patient.expose())
-        .bind(since_ms)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(db(OP))?
+        let Some(r) = sqlx::query(OPEN_FOR_PATIENT)
+            .bind(practice.as_str())
+            .bind(patient.expose())
+            .bind(since_ms)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db(OP))?
         else {
             return Ok(None);
         };
-        let id: String = r.try_get("id").map_err(db(OP))?;
-        let sev: i64 = r.try_get("severity").map_err(db(OP))?;
-        Ok(Some((
-            EscalationId::parse(&id).map_err(|_| corrupt(OP, "bad escalation id"))?,
-            Severity::from_code(sev).ok_or_else(|| corrupt(OP, "bad severity"))?,
-        )))
+        let o = open_from_row(&r, OP)?;
+        Ok(Some((o.id, o.severity)))
     }
 
     async fn appointment_answer(
@@ -1754,7 +1927,10 @@ impl Store for SqliteStore {
         ))
     }
 
-    async fn record_appointment(&self, record: AppointmentRecord) -> Result<Recorded, StoreError> {
+    async fn record_appointment(
+        &self,
+        record: AppointmentRecord,
+    ) -> Result<(Recorded, AppointmentAnswer), StoreError> {
         self.submit(|reply| Job::Appointment {
             record: Box::new(record),
             reply,
@@ -1949,42 +2125,87 @@ mod tests {
             .expect("read")
             .expect("kept");
         assert_eq!(back.origin, Origin::Appointment("appt-1".into()));
-        // The writer's foreign keys are on again: a directive for an
+        // The writer's foreign keys are on again: a backup page for an
         // escalation that does not exist is refused.
-        let orphan = crate::store::AppointmentRecord {
-            practice: e.practice.clone(),
+        let orphan = crate::store::Page {
+            id: 1,
+            escalation_id: EscalationId::new(),
+            severity: Severity::High,
+            tier: Tier::Phrase,
+            practice: "p1".into(),
             patient: e.patient.clone(),
-            event: crate::tier3::Event {
-                id: AppointmentEventId::parse("ev").expect("id"),
-                appointment: AppointmentId::parse("ap").expect("id"),
-                kind: crate::tier3::Kind::NoShow,
-                initiator: None,
-                occurred_at_ms: 1,
-                scheduled_for_ms: 1,
-            },
-            answer: Default::default(),
-            firings: vec![],
-            write: None,
-            directive: Some(QueuedDirective {
-                seq: 0,
-                directive_id: "d1".into(),
-                practice: e.practice.clone(),
-                patient: e.patient.clone(),
-                directive: Directive {
-                    escalation_id: EscalationId::new().to_string(),
-                    tier: Tier::Behavior,
-                    severity: Severity::High,
-                    referral_text: "988".into(),
-                    utterance_id: "ev".into(),
-                    reason_code: "r".into(),
-                },
-            }),
-            audit: vec![audit],
-            prune_events_before_ms: 0,
-            max_events: 8,
-            prune_firings_before_ms: 0,
+            attempts: 3,
+            created_at_ms: 1,
+            target: PageTarget::Primary,
+            backup_queued: false,
         };
-        assert!(store.record_appointment(orphan).await.is_err());
+        assert!(store.page_backup(&orphan, audit).await.is_err());
         store.close().await;
+    }
+
+
+    /// A database left by a build before claims (schema version 4), with a
+    /// page still to send: the upgrade keeps it, and it is claimed once.
+    #[tokio::test]
+    async fn a_version_4_database_upgrades_and_its_pending_page_is_claimed() {
+        let dir =
+            std::env::temp_dir().join(format!("crisisd-upgrade-{}", uuid::Uuid::now_v7().simple()));
+        let path = dir.join("crisisd.db");
+        std::fs::create_dir_all(&dir).expect("dir");
+        {
+            let options = SqliteConnectOptions::from_str("sqlite:")
+                .expect("options")
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("connect");
+            for step in &MIGRATIONS[..4] {
+                sqlx::raw_sql(*step)
+                    .execute(&pool)
+                    .await
+                    .expect("old schema");
+            }
+            sqlx::raw_sql(
+                "PRAGMA user_version = 4;
+                 INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel,
+                     tier, rule_id, reason_code, severity, state, utterance_id, created_at_ms,
+                     updated_at_ms)
+                 VALUES ('01a209c3-0000-7000-8000-000000000001', 'p1', 'patient-1', 'c1',
+                     'voice', 1, 'r', 'r', 3, 'open', 'u1', 1, 1);
+                 INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms,
+                     next_attempt_at_ms)
+                 VALUES ('01a209c3-0000-7000-8000-000000000001', 3, 'p1', 1, 1);",
+            )
+            .execute(&pool)
+            .await
+            .expect("old rows");
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&path).await.expect("upgrade");
+        let pages = store
+            .claim_pages(now_ms(), 60_000, 10)
+            .await
+            .expect("claim");
+        assert_eq!(pages.len(), 1);
+        // Claimed: not again until the lease runs out.
+        assert!(
+            store
+                .claim_pages(now_ms(), 60_000, 10)
+                .await
+                .expect("claim")
+                .is_empty()
+        );
+        // A new process (after a crash) sends it at once.
+        store.close().await;
+        let store = SqliteStore::open(&path).await.expect("reopen");
+        assert_eq!(
+            store
+                .claim_pages(now_ms(), 60_000, 10)
+                .await
+                .expect("claim")
+                .len(),
+            1
+        );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod moto;
+pub mod pg;
 pub mod process;
 
 use std::path::PathBuf;
