@@ -429,6 +429,7 @@ fn one_page_per_patient_while_the_escalation_is_open() {
 async fn calls_until(
     addr: String,
     callers: usize,
+    pause: Duration,
     tag: String,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<String> {
@@ -464,6 +465,7 @@ async fn calls_until(
                 if status.is_some() {
                     break;
                 }
+                tokio::time::sleep(pause).await;
             }
             ids
         }));
@@ -497,7 +499,15 @@ fn sns_down_for_a_minute_under_load_then_every_page_once() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // A minute of calls, each escalating, with SNS refusing connections.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let load = rt.spawn(calls_until(server.addr.clone(), 4, "down".into(), stop));
+    let load = rt.spawn(calls_until(
+        server.addr.clone(),
+        4,
+        // About five escalations a second: moto, in Python, then delivers
+        // the backlog in well under the wait below.
+        Duration::from_millis(800),
+        "down".into(),
+        stop,
+    ));
     std::thread::sleep(Duration::from_secs(60));
     let _ = stop_tx.send(true);
     let ids = rt.block_on(load).expect("load");
@@ -619,6 +629,7 @@ fn sigkill_at_twenty_random_moments_loses_no_acknowledged_escalation() {
         let load = rt.spawn(calls_until(
             server.addr.clone(),
             4,
+            Duration::ZERO,
             format!("k{round}"),
             stop,
         ));

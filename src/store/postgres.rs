@@ -50,7 +50,9 @@ use crate::audit::{AuditEvent, AuditRow, GENESIS};
 use crate::config::StoreConfig;
 use crate::domain::{Disposition, EscalationState, Severity, Tier};
 use crate::escalation::{Directive, Escalation, Handling, Open, Origin, now_ms};
-use crate::ids::{AppointmentEventId, AppointmentId, EscalationId, MessageId, PatientId, PracticeId};
+use crate::ids::{
+    AppointmentEventId, AppointmentId, EscalationId, MessageId, PatientId, PracticeId,
+};
 use crate::tier3;
 
 const SCHEMA_VERSION: i64 = 6;
@@ -1135,7 +1137,10 @@ impl Store for PgStore {
         {
             let at: i64 = r.try_get("created_at_ms").map_err(db(OP))?;
             let tier: i64 = r.try_get("tier").map_err(db(OP))?;
-            escalations.push((at, Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?));
+            escalations.push((
+                at,
+                Tier::from_code(tier).ok_or_else(|| corrupt(OP, "bad tier"))?,
+            ));
         }
         let mut calls = Vec::new();
         let mut language = None;
@@ -1193,7 +1198,10 @@ impl Store for PgStore {
         const OP: &str = "recording an appointment event";
         let now = now_ms();
         let mut tx = self.begin().await?;
-        let (practice, patient) = (rec.practice.as_str().to_string(), rec.patient.expose().to_string());
+        let (practice, patient) = (
+            rec.practice.as_str().to_string(),
+            rec.patient.expose().to_string(),
+        );
         // The event id first: the same event on another replica waits on
         // this row until the first commits, then takes its answer.
         let inserted = sqlx::query(
@@ -1222,13 +1230,15 @@ impl Store for PgStore {
             outcome = Some(e);
         }
         let answer = serde_json::to_string(&rec.answer).map_err(|e| corrupt(OP, e.to_string()))?;
-        sqlx::query("UPDATE appointment_answers SET answer = $1 WHERE practice_id = $2 AND event_id = $3")
-            .bind(&answer)
-            .bind(&practice)
-            .bind(rec.event.id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
+        sqlx::query(
+            "UPDATE appointment_answers SET answer = $1 WHERE practice_id = $2 AND event_id = $3",
+        )
+        .bind(&answer)
+        .bind(&practice)
+        .bind(rec.event.id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
         let e = &rec.event;
         sqlx::query(
             "INSERT INTO appointment_events (practice_id, patient_id, event_id, appointment_id, kind,
@@ -1470,9 +1480,9 @@ fn event_from_row(r: &PgRow) -> Result<tier3::Event, StoreError> {
         kind: tier3::Kind::parse(&get("kind")?).ok_or_else(|| corrupt(OP, "bad kind"))?,
         initiator: match initiator {
             None => None,
-            Some(i) => Some(
-                tier3::Initiator::parse(&i).ok_or_else(|| corrupt(OP, "bad initiator"))?,
-            ),
+            Some(i) => {
+                Some(tier3::Initiator::parse(&i).ok_or_else(|| corrupt(OP, "bad initiator"))?)
+            }
         },
         occurred_at_ms: r.try_get("occurred_at_ms").map_err(db(OP))?,
         scheduled_for_ms: r.try_get("scheduled_for_ms").map_err(db(OP))?,

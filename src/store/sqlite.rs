@@ -1111,7 +1111,10 @@ async fn record_appointment(
 ) -> Result<(Recorded, AppointmentAnswer), StoreError> {
     const OP: &str = "recording an appointment event";
     let now = now_ms();
-    let (practice, patient) = (rec.practice.as_str().to_string(), rec.patient.expose().to_string());
+    let (practice, patient) = (
+        rec.practice.as_str().to_string(),
+        rec.patient.expose().to_string(),
+    );
     let (practice, patient) = (practice.as_str(), patient.as_str());
     // Seen before: the first answer stands, nothing changes. (The single
     // writer makes this read and the writes below one step.)
@@ -2142,7 +2145,6 @@ mod tests {
         assert!(store.page_backup(&orphan, audit).await.is_err());
         store.close().await;
     }
-
 
     /// A database left by a build before claims (schema version 4), with a
     /// page still to send: the upgrade keeps it, and it is claimed once.
