@@ -10,39 +10,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::moto::Moto;
+use common::moto::{BACKUP, Moto, ON_CALL, ROSTER_P1};
 use common::process::{Serve, free_port, http};
 use common::*;
 use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
 
-const ON_CALL: &str = "+15555550101";
-const BACKUP: &str = "+15555550102";
-
-/// On call around the clock in practice p1; a backup.
-const ROSTER: &str = r#"
-[[practice]]
-id = "p1"
-time_zone = "UTC"
-backup = "dr-lee"
-[[practice.clinician]]
-id = "dr-ortiz"
-name = "Dr. Ana Ortiz"
-phone = "+15555550101"
-[[practice.clinician]]
-id = "dr-lee"
-name = "Dr. Sam Lee"
-phone = "+15555550102"
-[[practice.shift]]
-clinician = "dr-ortiz"
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "00:00"
-end = "12:00"
-[[practice.shift]]
-clinician = "dr-ortiz"
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "12:00"
-end = "00:00"
-
+/// Practice p1 (`ROSTER_P1`), and p2 where nobody is ever on call: every
+/// page goes to the backup.
+const ROSTER_P2: &str = r#"
 # Nobody on call, ever: every page goes to the backup.
 [[practice]]
 id = "p2"
@@ -61,7 +36,7 @@ fn serve(dir: &Path, sns_port: u16) -> Serve {
 }
 
 fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Serve {
-    std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
+    std::fs::write(dir.join("roster.toml"), format!("{ROSTER_P1}{ROSTER_P2}")).expect("roster");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crisisd"));
     cmd.current_dir(dir)
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -354,7 +329,7 @@ fn nobody_on_call_pages_the_backup_and_a_failing_page_reaches_the_backup_too() {
 #[test]
 fn without_credentials_or_instance_metadata_the_service_still_starts_and_detects() {
     let dir = temp_dir("paging");
-    std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
+    std::fs::write(dir.join("roster.toml"), format!("{ROSTER_P1}{ROSTER_P2}")).expect("roster");
     let started_at = Instant::now();
     // No AWS variables at all, and instance metadata left enabled: the
     // credential chain would try 169.254.169.254, which answers nothing here.

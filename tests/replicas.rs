@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::moto::Moto;
+use common::moto::{Moto, ROSTER_P1};
 use common::process::{Serve, free_port};
 use common::*;
 use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
@@ -24,31 +24,6 @@ use crisisd::api::pb::crisis_detection_client::CrisisDetectionClient;
 /// SNS timeout below, as the config requires).
 const LEASE_SECS: &str = "3";
 const SNS_TIMEOUT_MS: &str = "1400";
-
-const ROSTER: &str = r#"
-[[practice]]
-id = "p1"
-time_zone = "UTC"
-backup = "dr-lee"
-[[practice.clinician]]
-id = "dr-ortiz"
-name = "Dr. Ana Ortiz"
-phone = "+15555550101"
-[[practice.clinician]]
-id = "dr-lee"
-name = "Dr. Sam Lee"
-phone = "+15555550102"
-[[practice.shift]]
-clinician = "dr-ortiz"
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "00:00"
-end = "12:00"
-[[practice.shift]]
-clinician = "dr-ortiz"
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "12:00"
-end = "00:00"
-"#;
 
 /// The environment every replica and the CLI share: the database and the
 /// patient reference key.
@@ -67,7 +42,7 @@ fn replica(dir: &Path, url: &str, sns_port: u16) -> Serve {
 
 fn replica_with(dir: &Path, url: &str, sns_port: u16, env: &[(&str, &str)]) -> Serve {
     std::fs::create_dir_all(dir).expect("dir");
-    std::fs::write(dir.join("roster.toml"), ROSTER).expect("roster");
+    std::fs::write(dir.join("roster.toml"), ROSTER_P1).expect("roster");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crisisd"));
     shared_env(&mut cmd, url);
     cmd.current_dir(dir)

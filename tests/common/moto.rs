@@ -10,6 +10,36 @@ use super::process::http;
 
 const MOTO: &str = "moto[server]==5.2.5";
 
+/// Practice p1's on-call clinician and backup in [`ROSTER_P1`].
+pub const ON_CALL: &str = "+15555550101";
+pub const BACKUP: &str = "+15555550102";
+
+/// On call around the clock in practice p1; a backup.
+pub const ROSTER_P1: &str = r#"
+[[practice]]
+id = "p1"
+time_zone = "UTC"
+backup = "dr-lee"
+[[practice.clinician]]
+id = "dr-ortiz"
+name = "Dr. Ana Ortiz"
+phone = "+15555550101"
+[[practice.clinician]]
+id = "dr-lee"
+name = "Dr. Sam Lee"
+phone = "+15555550102"
+[[practice.shift]]
+clinician = "dr-ortiz"
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "00:00"
+end = "12:00"
+[[practice.shift]]
+clinician = "dr-ortiz"
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "12:00"
+end = "00:00"
+"#;
+
 /// Tests in one binary run in parallel threads: one makes the venv.
 fn ensure_moto() -> PathBuf {
     static SERVER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
