@@ -397,6 +397,9 @@ async fn a_late_cancellation_after_a_review_in_the_last_call() {
     assert_eq!(d.tier, pb::Tier::Context as i32);
     call.send(ended()).await;
     call.finish().await;
+    // Its page first: resolving cancels a page not yet sent, and the count
+    // below is of both escalations' pages.
+    assert_eq!(pages.settle(1).await, 1, "the review's page");
     c.resolve_escalation(authed(
         pb::ResolveEscalationRequest {
             escalation_id: d.escalation_id.clone(),
