@@ -55,6 +55,11 @@ fn serve_with(dir: &Path, sns_port: u16, env: &[(&str, &str)]) -> Serve {
     Serve::spawn(cmd)
 }
 
+/// The latency test measures milliseconds: it runs with no load test of
+/// this binary beside it (they share the disk's fsyncs and both cores), so
+/// it takes this exclusively and each load test takes it shared.
+static TIMING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 const SENTENCE: &str = "My name is Zebulon Quixote and I want to kill myself";
 
 /// One call with one explicit utterance; returns once its directive (and
@@ -230,6 +235,7 @@ fn quantile(metrics: &str, name: &str, q: &str) -> Option<f64> {
 
 #[test]
 fn page_requests_leave_within_50_ms_of_the_escalation() {
+    let _quiet = TIMING.write().unwrap_or_else(|e| e.into_inner());
     let moto = Moto::start(free_port());
     let dir = temp_dir("paging");
     let metrics_port = free_port();
@@ -468,6 +474,7 @@ fn each_paged(sms: &[(String, String)], ids: &[String], per_id: usize) -> Result
 
 #[test]
 fn sns_down_for_a_minute_under_load_then_every_page_once() {
+    let _load = TIMING.read().unwrap_or_else(|e| e.into_inner());
     let port = free_port();
     let dir = temp_dir("paging");
     let server = serve(&dir, port);
@@ -580,6 +587,7 @@ fn sns_down_for_a_minute_under_load_then_every_page_once() {
 
 #[test]
 fn sigkill_at_twenty_random_moments_loses_no_acknowledged_escalation() {
+    let _load = TIMING.read().unwrap_or_else(|e| e.into_inner());
     let moto = Moto::start(free_port());
     let dir = temp_dir("paging");
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::process::http;
+use super::process::{http, http_with};
 
 const MOTO: &str = "moto[server]==5.2.5";
 
@@ -98,6 +98,27 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // moto loads its SNS backend on the first SNS request, which then
+        // takes most of a second and holds the requests behind it: that is
+        // moto's start-up, not the pager's latency, so it is paid here. An
+        // unsigned ListTopics (moto routes by the credential scope and does
+        // not check the signature) sends no SMS.
+        let scope = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/sns/aws4_request, \
+                     SignedHeaders=host, Signature=0";
+        let warm = http_with(
+            port,
+            "POST",
+            "/",
+            &[
+                ("Authorization", scope),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+            ],
+            "Action=ListTopics&Version=2010-03-31",
+        );
+        assert!(
+            warm.is_some_and(|b| b.contains("ListTopicsResponse")),
+            "moto's SNS did not answer"
+        );
         m
     }
 

@@ -93,14 +93,30 @@ pub fn free_port() -> u16 {
 
 /// One HTTP/1.1 request to 127.0.0.1:port; the response body, if any.
 pub fn http(port: u16, method: &str, path: &str) -> Option<String> {
+    http_with(port, method, path, &[], "")
+}
+
+/// One HTTP/1.1 request with extra headers and a body; the response body.
+pub fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
