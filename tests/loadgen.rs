@@ -13,7 +13,10 @@ use crisisd::loadgen::{self, LoadOptions};
 fn opts(target: String) -> LoadOptions {
     LoadOptions {
         target,
-        streams: 8,
+        // 25 utterances a second each: a call of 10 leaves 400 ms, room for
+        // its set-up and teardown when fsyncs are slow (a CI machine just
+        // after its build), so the pace is the generator's, not the disk's.
+        streams: 16,
         connections: 2,
         rate: 400.0,
         duration: Duration::from_secs(2),
@@ -34,9 +37,11 @@ async fn counts_latencies_and_idle_streams_against_crisisd_and_the_echo_service(
         .expect("runs");
     assert_eq!(r.errors, 0, "{r}");
     assert!(r.utterances >= 600, "about 400/s for 2 s: {r}");
-    // One crisis utterance closes each call; the first call of each stream
-    // is shortened, so at least every full call's crisis line is answered.
-    assert!(r.directives >= r.utterances / 10 - 8, "{r}");
+    // One crisis utterance closes each call (the first call of each stream
+    // is shortened, and the last may be cut by the deadline), and each gets
+    // exactly one directive.
+    assert!(r.crisis_utterances >= r.utterances / 10 - 16, "{r}");
+    assert_eq!(r.directives, r.crisis_utterances, "{r}");
     assert_eq!(r.directive_latency.count, r.directives);
     assert!(r.directive_latency.p99_us > 0);
 
@@ -49,7 +54,8 @@ async fn counts_latencies_and_idle_streams_against_crisisd_and_the_echo_service(
         .await
         .expect("runs");
     assert_eq!(e.errors, 0, "{e}");
-    assert!(e.directives >= e.utterances / 10 - 8, "{e}");
+    assert!(e.crisis_utterances >= e.utterances / 10 - 16, "{e}");
+    assert_eq!(e.directives, e.crisis_utterances, "{e}");
 
     let held = loadgen::run(LoadOptions {
         streams: 50,

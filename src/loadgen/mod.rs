@@ -145,6 +145,8 @@ pub struct Report {
     pub elapsed: Duration,
     pub utterances: u64,
     pub directives: u64,
+    /// Crisis utterances sent: each should have had exactly one directive.
+    pub crisis_utterances: u64,
     pub messages: u64,
     pub errors: u64,
     /// Streams open at the end (idle runs).
@@ -159,11 +161,12 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "elapsed {:.1}s: {} utterances ({:.0}/s), {} directives, {} messages, {} errors",
+            "elapsed {:.1}s: {} utterances ({:.0}/s), {} directives for {} crisis utterances, {} messages, {} errors",
             self.elapsed.as_secs_f64(),
             self.utterances,
             self.utterance_rate,
             self.directives,
+            self.crisis_utterances,
             self.messages,
             self.errors
         )?;
@@ -194,6 +197,7 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 struct Counters {
     utterances: AtomicU64,
     directives: AtomicU64,
+    crisis: AtomicU64,
     messages: AtomicU64,
     errors: AtomicU64,
     open: AtomicU64,
@@ -313,6 +317,7 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
         elapsed,
         utterances,
         directives: c.directives.load(Ordering::Relaxed),
+        crisis_utterances: c.crisis.load(Ordering::Relaxed),
         messages: c.messages.load(Ordering::Relaxed),
         errors: c.errors.load(Ordering::Relaxed),
         streams_open,
@@ -420,6 +425,9 @@ async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>,
                 break;
             }
             s.counters.utterances.fetch_add(1, Ordering::Relaxed);
+            if crisis {
+                s.counters.crisis.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let _ = tx
             .send(event(pb::transcript_event::Event::CallEnded(
