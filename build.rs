@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Small per-stream buffers: see src/api/codec.rs.
+        .codec_path("crate::api::codec::SmallBuffers")
         // For the reflection service.
         .file_descriptor_set_path(out.join("crisis_descriptor.bin"))
         .compile_with_config(

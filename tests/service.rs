@@ -709,3 +709,40 @@ async fn acknowledging_and_resolving() {
     );
     assert_eq!(crisisd::audit::verify(&rows), vec![]);
 }
+
+/// Per-stream buffers start at 1 KiB (src/api/codec.rs) and grow: messages
+/// right at the size limits still arrive whole and are judged.
+#[tokio::test]
+async fn messages_at_the_size_limits_are_judged_whole() {
+    let config = Config::default();
+    let (max_utt, max_msg) = (
+        config.limits.max_utterance_bytes,
+        config.limits.max_message_bytes,
+    );
+    let server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let tail = " and i want to kill myself";
+    let utterance = format!("{}{tail}", "a ".repeat((max_utt - tail.len()) / 2));
+    assert!(utterance.len() <= max_utt && utterance.len() > max_utt - 2);
+    let (ds, status) = play(
+        &mut c,
+        None,
+        vec![
+            started("call-big", "patient-big", "p1", "en"),
+            patient("u1", &utterance),
+            ended(),
+        ],
+    )
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(ds.len(), 1, "the crisis words at the end were read");
+    let text = format!("{}{tail}", "b ".repeat((max_msg - tail.len()) / 2));
+    assert!(text.len() <= max_msg && text.len() > max_msg - 2);
+    let v = c
+        .submit_message(authed(msg("m-big", "t-big", &text), None))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(v.outcome, pb::Outcome::Escalated as i32);
+    server.stop().await;
+}

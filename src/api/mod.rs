@@ -4,6 +4,7 @@
 //! carries what the client sent.
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod schedule;
 pub mod service;

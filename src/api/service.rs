@@ -776,18 +776,19 @@ impl Core {
                         });
                         continue;
                     }
-                    match self
-                        .escalate_call(
-                            &call.start,
-                            &shared,
-                            trigger,
-                            u.id.as_str(),
-                            actor,
-                            request_id,
-                            tx,
-                            received,
-                        )
-                        .await
+                    // Boxed: an escalation is rare in a call, and inline its
+                    // state would be carried by every idle call's task.
+                    match Box::pin(self.escalate_call(
+                        &call.start,
+                        &shared,
+                        trigger,
+                        u.id.as_str(),
+                        actor,
+                        request_id,
+                        tx,
+                        received,
+                    ))
+                    .await
                     {
                         Sent::Yes | Sent::Nothing => {}
                         Sent::ClientGone => return Ok(End::ClientClosed),
@@ -894,6 +895,8 @@ impl CrisisDetection for Service {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel::<DirectiveItem>(DIRECTIVE_QUEUE);
         let core = self.core.clone();
+        // Every open call holds this task: its size is much of what an idle
+        // call costs, so rare paths inside it are boxed.
         tokio::spawn(async move {
             let _permit = permit;
             metrics::gauge!("crisisd_streams_open").increment(1.0);
