@@ -328,9 +328,13 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
     })
 }
 
-/// One stream: calls back to back until the deadline.
+/// One stream: calls back to back until the deadline. A call's teardown
+/// (the server closing it, its last directive arriving) is waited for
+/// beside the next call, not before it, as a voice runtime does: the pace
+/// is the generator's, not the server's end-of-call work.
 async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>, i: usize) {
     let o = &s.opts;
+    let mut closing = tokio::task::JoinSet::new();
     let pace = (o.rate > 0.0).then(|| Duration::from_secs_f64(o.streams as f64 / o.rate));
     // Spread the streams' first sends over one interval.
     let mut next =
@@ -435,9 +439,15 @@ async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>,
             )))
             .await;
         drop(tx);
-        let _ = reader.await;
-        s.counters.open.fetch_sub(1, Ordering::Relaxed);
+        let counters = s.clone();
+        closing.spawn(async move {
+            let _ = reader.await;
+            counters.counters.open.fetch_sub(1, Ordering::Relaxed);
+        });
+        while closing.try_join_next().is_some() {}
     }
+    // Every directive is counted before the report.
+    while closing.join_next().await.is_some() {}
 }
 
 /// Texts at `messages_per_sec`, each its own patient and thread.
