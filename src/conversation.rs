@@ -10,7 +10,8 @@
 //! is in the store. Texts of one thread are handled one at a time, in
 //! arrival order; different threads never wait for each other.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -78,8 +79,10 @@ pub struct Call {
     pub turns: VecDeque<Turn>,
     /// The escalation state, shared with the call's Tier 2 worker.
     pub shared: Arc<Mutex<CallShared>>,
-    finals: HashSet<UtteranceId>,
-    finals_order: VecDeque<UtteranceId>,
+    /// The last finals' ids, each with its hash: a repeat is found by
+    /// scanning the hashes and confirmed on the id itself, one copy of each
+    /// id, no hash set to keep in step (this ran on every final).
+    finals: VecDeque<(u64, UtteranceId)>,
     pub utterances: u64,
 }
 
@@ -98,8 +101,7 @@ impl Call {
             stream: StreamState::new(),
             turns: VecDeque::new(),
             shared: Arc::default(),
-            finals: HashSet::new(),
-            finals_order: VecDeque::new(),
+            finals: VecDeque::new(),
             utterances: 0,
         }
     }
@@ -114,16 +116,14 @@ impl Call {
 
     /// Whether this final was seen already; remembers it if not.
     pub fn repeated_final(&mut self, id: &UtteranceId) -> bool {
-        if self.finals.contains(id) {
+        let hash = rustc_hash::FxBuildHasher.hash_one(id.as_str());
+        if self.finals.iter().any(|(h, seen)| *h == hash && seen == id) {
             return true;
         }
-        if self.finals_order.len() == FINALS_REMEMBERED
-            && let Some(old) = self.finals_order.pop_front()
-        {
-            self.finals.remove(&old);
+        if self.finals.len() == FINALS_REMEMBERED {
+            self.finals.pop_front();
         }
-        self.finals.insert(id.clone());
-        self.finals_order.push_back(id.clone());
+        self.finals.push_back((hash, id.clone()));
         false
     }
 }
@@ -214,5 +214,27 @@ mod tests {
         assert_eq!(th.last_ms, 1_000);
         th.fresh(20_000, 10_000);
         assert_eq!(th.last_ms, 0);
+    }
+
+    #[test]
+    fn repeated_finals_are_found_among_the_last_ones_only() {
+        let start = CallStart {
+            call: CallId::parse("c1").expect("id"),
+            patient: PatientId::parse("p1").expect("id"),
+            practice: PracticeId::parse("pr").expect("id"),
+            language: Language::parse("en").expect("tag"),
+        };
+        let mut call = Call::new(start);
+        let id = |n: usize| UtteranceId::parse(&format!("u{n}")).expect("id");
+        assert!(!call.repeated_final(&id(0)));
+        assert!(call.repeated_final(&id(0)), "a repeat");
+        assert!(!call.repeated_final(&id(1)), "another id");
+        for n in 2..FINALS_REMEMBERED + 1 {
+            assert!(!call.repeated_final(&id(n)));
+        }
+        // u0 is the oldest of 257: forgotten; u1 is still remembered.
+        assert!(call.repeated_final(&id(1)));
+        assert!(!call.repeated_final(&id(0)));
+        assert_eq!(call.finals.len(), FINALS_REMEMBERED);
     }
 }
