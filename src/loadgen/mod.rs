@@ -149,6 +149,8 @@ pub struct Report {
     pub crisis_utterances: u64,
     pub messages: u64,
     pub errors: u64,
+    /// Errors by gRPC status code.
+    pub error_codes: std::collections::BTreeMap<String, u64>,
     /// Streams open at the end (idle runs).
     pub streams_open: u64,
     pub utterance_rate: f64,
@@ -170,6 +172,14 @@ impl std::fmt::Display for Report {
             self.messages,
             self.errors
         )?;
+        if !self.error_codes.is_empty() {
+            let codes: Vec<String> = self
+                .error_codes
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect();
+            writeln!(f, "errors by code: {}", codes.join(", "))?;
+        }
         writeln!(f, "utterance -> directive: {}", self.directive_latency)?;
         if self.message_latency.count > 0 {
             writeln!(f, "message round trip:     {}", self.message_latency)?;
@@ -249,6 +259,15 @@ struct Shared {
     counters: Counters,
     latency: Mutex<Histogram<u64>>,
     message_latency: Mutex<Histogram<u64>>,
+    error_codes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Shared {
+    fn error(&self, status: &tonic::Status) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let mut codes = self.error_codes.lock().unwrap_or_else(|e| e.into_inner());
+        *codes.entry(format!("{:?}", status.code())).or_default() += 1;
+    }
 }
 
 /// Runs the load and reports.
@@ -261,6 +280,7 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
         counters: Counters::default(),
         latency: Mutex::new(histogram()),
         message_latency: Mutex::new(histogram()),
+        error_codes: Default::default(),
         opts,
     });
     let progress = shared.opts.progress.then(|| {
@@ -313,6 +333,11 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
     let elapsed = start.elapsed();
     let c = &shared.counters;
     let utterances = c.utterances.load(Ordering::Relaxed);
+    let error_codes = shared
+        .error_codes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Ok(Report {
         elapsed,
         utterances,
@@ -320,6 +345,7 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
         crisis_utterances: c.crisis.load(Ordering::Relaxed),
         messages: c.messages.load(Ordering::Relaxed),
         errors: c.errors.load(Ordering::Relaxed),
+        error_codes,
         streams_open,
         utterance_rate: utterances as f64 / shared.opts.duration.as_secs_f64(),
         directive_latency: Latency::of(&*shared.latency.lock().await),
@@ -330,11 +356,12 @@ pub async fn run(opts: LoadOptions) -> Result<Report, LoadError> {
 
 /// One stream: calls back to back until the deadline. A call's teardown
 /// (the server closing it, its last directive arriving) is waited for
-/// beside the next call, not before it, as a voice runtime does: the pace
-/// is the generator's, not the server's end-of-call work.
+/// during the next call, not before it, as a voice runtime does: the pace
+/// is the generator's, not the server's end-of-call work. At most one call
+/// per stream is closing, so a slow server cannot pile up open calls.
 async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>, i: usize) {
     let o = &s.opts;
-    let mut closing = tokio::task::JoinSet::new();
+    let mut closing: Option<tokio::task::JoinHandle<()>> = None;
     let pace = (o.rate > 0.0).then(|| Duration::from_secs_f64(o.streams as f64 / o.rate));
     // Spread the streams' first sends over one interval.
     let mut next =
@@ -357,8 +384,8 @@ async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>,
             .await;
         let mut inbound = match response {
             Ok(r) => r.into_inner(),
-            Err(_) => {
-                s.counters.errors.fetch_add(1, Ordering::Relaxed);
+            Err(status) => {
+                s.error(&status);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -386,8 +413,8 @@ async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>,
                             s.counters.directives.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(None) => return,
-                        Err(_) => {
-                            s.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        Err(status) => {
+                            s.error(&status);
                             return;
                         }
                     }
@@ -439,15 +466,19 @@ async fn stream_task(s: Arc<Shared>, mut client: CrisisDetectionClient<Channel>,
             )))
             .await;
         drop(tx);
+        if let Some(previous) = closing.take() {
+            let _ = previous.await;
+        }
         let counters = s.clone();
-        closing.spawn(async move {
+        closing = Some(tokio::spawn(async move {
             let _ = reader.await;
             counters.counters.open.fetch_sub(1, Ordering::Relaxed);
-        });
-        while closing.try_join_next().is_some() {}
+        }));
     }
     // Every directive is counted before the report.
-    while closing.join_next().await.is_some() {}
+    if let Some(last) = closing {
+        let _ = last.await;
+    }
 }
 
 /// Texts at `messages_per_sec`, each its own patient and thread.
@@ -484,8 +515,8 @@ async fn message_task(s: Arc<Shared>, client: CrisisDetectionClient<Channel>) {
                     let us = started.elapsed().as_micros() as u64;
                     let _ = s.message_latency.lock().await.record(us.max(1));
                 }
-                Err(_) => {
-                    s.counters.errors.fetch_add(1, Ordering::Relaxed);
+                Err(status) => {
+                    s.error(&status);
                 }
             }
         });
