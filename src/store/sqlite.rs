@@ -244,12 +244,53 @@ CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
 BEGIN SELECT RAISE(ABORT, 'the audit head cannot be removed'); END;
 "#;
 
-/// The chain's head: the last row's sequence number and hash.
+/// The chain's head: the last row's sequence number and hash, and the
+/// rows chained in the group being written but not yet inserted. They are
+/// inserted together just before the group commits: one statement for a
+/// group's audit rows instead of one round trip to SQLite each.
 #[derive(Clone)]
 struct Head {
     seq: i64,
     hash: String,
+    pending: Vec<AuditRow>,
 }
+
+/// Where the head was before a job, to undo the job's rows.
+struct Mark {
+    seq: i64,
+    hash: String,
+    rows: usize,
+}
+
+impl Head {
+    /// Chains `events` after the head. An attach to the patient's open
+    /// escalation has none: nothing to record.
+    fn append(&mut self, events: &[AuditEvent]) {
+        for e in events {
+            self.seq += 1;
+            let row = AuditRow::chain(&self.hash, self.seq, now_ms(), e);
+            self.hash.clone_from(&row.hash);
+            self.pending.push(row);
+        }
+    }
+
+    fn mark(&self) -> Mark {
+        Mark {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            rows: self.pending.len(),
+        }
+    }
+
+    fn reset(&mut self, mark: Mark) {
+        self.seq = mark.seq;
+        self.hash = mark.hash;
+        self.pending.truncate(mark.rows);
+    }
+}
+
+/// Audit rows per INSERT: 9 bound values each, well under SQLite's limit.
+const AUDIT_ROWS_PER_INSERT: usize = 64;
 
 /// Writes waiting for the writer. A full queue makes callers wait:
 /// back-pressure, never a dropped write.
@@ -583,6 +624,7 @@ async fn open_writer(
     let head = Head {
         seq: row.try_get("seq").map_err(db("reading the audit head"))?,
         hash: row.try_get("hash").map_err(db("reading the audit head"))?,
+        pending: Vec::new(),
     };
     Ok((pool, head))
 }
@@ -670,42 +712,70 @@ async fn commit_group(
         }
     };
     let mut h = head.clone();
-    for job in jobs {
-        // Prepared once per connection (sqlx caches them), not parsed per
-        // job: a group commit runs these around every write.
-        sqlx::query("SAVEPOINT job")
-            .execute(&mut *tx)
-            .await
-            .map_err(db("savepoint"))?;
-        let before = h.clone();
-        let (reply, outcome) = run_job(&mut tx, &mut h, job).await;
-        let ok = outcome.is_ok();
-        if ok {
-            sqlx::query("RELEASE job")
-                .execute(&mut *tx)
-                .await
-                .map_err(db("savepoint"))?;
-        } else {
-            h = before;
-            sqlx::raw_sql("ROLLBACK TO job; RELEASE job")
-                .execute(&mut *tx)
-                .await
-                .map_err(db("savepoint"))?;
+    let mut jobs = jobs;
+    while let Some(job) = jobs.next() {
+        // A job that can fail on its own runs in a savepoint, so that its
+        // failure undoes only itself. The others (an audit row, a call, a
+        // page's delivery, the probe) can fail only with the database, and
+        // then the whole group goes: they need no savepoint, and skip its
+        // two round trips to SQLite.
+        let isolated = job.isolated();
+        if isolated && let Err(e) = savepoint(&mut tx, "SAVEPOINT job").await {
+            done.push(job_reply(job));
+            return Err(abandon(done, jobs, e));
         }
+        let before = h.mark();
+        let (reply, outcome) = run_job(&mut tx, &mut h, job).await;
+        let step = match (&outcome, isolated) {
+            (Ok(_), true) => savepoint(&mut tx, "RELEASE job").await,
+            (Ok(_), false) => Ok(()),
+            (Err(_), true) => {
+                h.reset(before);
+                sqlx::raw_sql("ROLLBACK TO job; RELEASE job")
+                    .execute(&mut *tx)
+                    .await
+                    .map(|_| ())
+                    .map_err(db("savepoint"))
+            }
+            (Err(e), false) => Err(corrupt("write", e.to_string())),
+        };
         done.push(Done(reply, outcome));
+        if let Err(e) = step {
+            return Err(abandon(done, jobs, e));
+        }
     }
-    // The chain's head row moves once per group, to the group's last row:
-    // the rows and the head commit together, so a cut end still shows.
-    if h.seq != head.seq {
-        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE one = 1")
-            .bind(h.seq)
-            .bind(&h.hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("moving the audit head"))?;
-    }
+    insert_audit(&mut tx, &h).await?;
     tx.commit().await.map_err(db("commit"))?;
+    h.pending.clear();
     Ok(h)
+}
+
+/// Prepared once per connection (sqlx caches it), not parsed per job.
+async fn savepoint(tx: &mut Transaction<'_, Sqlite>, sql: &'static str) -> Result<(), StoreError> {
+    sqlx::query(sql)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+        .map_err(db("savepoint"))
+}
+
+/// The group is given up: the jobs not yet run join those done, and all of
+/// them are answered with the error (nothing of the group commits).
+fn abandon(done: &mut Vec<Done>, rest: impl Iterator<Item = Job>, e: StoreError) -> StoreError {
+    done.extend(rest.map(job_reply));
+    e
+}
+
+impl Job {
+    /// Whether this job can fail while the database is well (a constraint,
+    /// a corrupt row, a decision it refuses): such a job runs in a
+    /// savepoint of its own.
+    fn isolated(&self) -> bool {
+        !matches!(
+            self,
+            Job::Audit { .. } | Job::Call { .. } | Job::PageDelivered { .. } | Job::Probe { .. }
+        )
+    }
 }
 
 fn job_reply(job: Job) -> Done {
@@ -741,7 +811,7 @@ async fn run_job(
             let r = async {
                 let mut audit = vec![audit];
                 let done = write_escalation(tx, &write, &mut audit, None).await?;
-                *head = append_audit(tx, head, &audit).await?;
+                head.append(&audit);
                 Ok(Out::Escalated(done))
             }
             .await;
@@ -749,7 +819,7 @@ async fn run_job(
         }
         Job::Audit { event, reply } => {
             let r = async {
-                *head = append_audit(tx, head, std::slice::from_ref(&event)).await?;
+                head.append(std::slice::from_ref(&event));
                 Ok(Out::Unit)
             }
             .await;
@@ -799,7 +869,7 @@ async fn run_job(
                 .execute(&mut **tx)
                 .await
                 .map_err(db("recording a message"))?;
-                *head = append_audit(tx, head, &audit).await?;
+                head.append(&audit);
                 Ok(Out::Message(Recorded::New, done))
             }
             .await;
@@ -823,7 +893,7 @@ async fn run_job(
                 .execute(&mut **tx)
                 .await
                 .map_err(db("marking a page delivered"))?;
-                *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                head.append(std::slice::from_ref(&audit));
                 Ok(Out::Unit)
             }
             .await;
@@ -896,7 +966,7 @@ async fn run_job(
                     .execute(&mut **tx)
                     .await
                     .map_err(db("cancelling pages"))?;
-                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                    head.append(std::slice::from_ref(&audit));
                 }
                 Ok(Out::Value(u64::from(exists.is_some())))
             }
@@ -957,7 +1027,7 @@ async fn run_job(
                         subject: format!("escalation:{id}"),
                         detail: serde_json::json!({ "round": rounds + 1, "reason": "not acknowledged" }),
                     };
-                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                    head.append(std::slice::from_ref(&audit));
                 }
                 Ok(Out::Value(due.len() as u64))
             }
@@ -1022,7 +1092,7 @@ async fn run_job(
                         .await
                         .map_err(db("acknowledging a directive"))?;
                 if changed > 0 {
-                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                    head.append(std::slice::from_ref(&audit));
                 }
                 Ok(Out::Value(u64::from(exists.is_some())))
             }
@@ -1061,7 +1131,7 @@ async fn run_job(
                     .execute(&mut **tx)
                     .await
                     .map_err(db("queueing a backup page"))?;
-                    *head = append_audit(tx, head, std::slice::from_ref(&audit)).await?;
+                    head.append(std::slice::from_ref(&audit));
                 }
                 Ok(Out::Unit)
             }
@@ -1128,41 +1198,41 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Appends audit rows inside `tx`; returns the new head, to be kept only if
-/// the transaction commits.
-async fn append_audit(
-    tx: &mut Transaction<'_, Sqlite>,
-    head: &Head,
-    events: &[AuditEvent],
-) -> Result<Head, StoreError> {
-    if events.is_empty() {
-        // An attach to the patient's open escalation: nothing to record.
-        return Ok(head.clone());
+/// Inserts the group's chained rows and moves the head row to the last.
+async fn insert_audit(tx: &mut Transaction<'_, Sqlite>, head: &Head) -> Result<(), StoreError> {
+    for rows in head.pending.chunks(AUDIT_ROWS_PER_INSERT) {
+        let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT INTO audit (seq, at_ms, actor, request_id, action, subject, detail, prev_hash, hash) ",
+        );
+        insert.push_values(rows, |mut b, row| {
+            b.push_bind(row.seq)
+                .push_bind(row.at_ms)
+                .push_bind(&row.actor)
+                .push_bind(&row.request_id)
+                .push_bind(&row.action)
+                .push_bind(&row.subject)
+                .push_bind(&row.detail)
+                .push_bind(&row.prev_hash)
+                .push_bind(&row.hash);
+        });
+        // Not cached: its text varies with the number of rows, and a
+        // cached statement per count would push out the ones that repeat.
+        insert
+            .build()
+            .persistent(false)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("appending to the audit log"))?;
     }
-    let (mut seq, mut hash) = (head.seq, head.hash.clone());
-    for e in events {
-        seq += 1;
-        let row = AuditRow::chain(&hash, seq, now_ms(), e);
-        sqlx::query(
-            "INSERT INTO audit (seq, at_ms, actor, request_id, action, subject, detail, prev_hash, hash)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(row.seq)
-        .bind(row.at_ms)
-        .bind(&row.actor)
-        .bind(&row.request_id)
-        .bind(&row.action)
-        .bind(&row.subject)
-        .bind(&row.detail)
-        .bind(&row.prev_hash)
-        .bind(&row.hash)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("appending to the audit log"))?;
-        hash = row.hash;
+    if let Some(last) = head.pending.last() {
+        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE one = 1")
+            .bind(last.seq)
+            .bind(&last.hash)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("moving the audit head"))?;
     }
-    // The head row is written by the group's commit (`commit_group`).
-    Ok(Head { seq, hash })
+    Ok(())
 }
 
 async fn record_appointment(
@@ -1302,7 +1372,7 @@ async fn record_appointment(
         .execute(&mut **tx)
         .await
         .map_err(db("pruning appointment answers"))?;
-    *head = append_audit(tx, head, &rec.audit).await?;
+    head.append(&rec.audit);
     Ok((Recorded::New, rec.answer))
 }
 
