@@ -40,7 +40,7 @@ use rustc_hash::FxHashSet;
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
-use super::words::{WordTable, hash, hash_short};
+use super::words::{WordTable, hash, hash_pair, hash_short};
 
 /// Tokens of history kept while normalizing one text (a power of two: the
 /// history is a ring). Four are not enough: a split word merged at the end
@@ -123,8 +123,8 @@ struct Lex {
     flags: u8,
     /// With `TYPO`: the index in `Vocabulary::targets` it is repaired to.
     target: u16,
-    /// With `CODED`: the word's code in the matcher's automaton.
-    code: [u8; 2],
+    /// With `CODED`: the word's id in the matcher's automaton.
+    code: u16,
 }
 
 /// A speech filler.
@@ -135,7 +135,7 @@ const TYPO: u8 = 2;
 const LEFT: u8 = 4;
 /// The end of a repair target (so it may be the right half of a split).
 const RIGHT: u8 = 8;
-/// A word the rules use, with its code in the automaton.
+/// A word the rules use, with its id in the automaton.
 const CODED: u8 = 16;
 
 /// A word of normalized output as the normalizer wrote it, for the matcher:
@@ -145,7 +145,7 @@ const CODED: u8 = 16;
 pub(crate) struct WordRef {
     pub s: usize,
     pub e: usize,
-    pub code: Option<[u8; 2]>,
+    pub code: Option<u16>,
 }
 
 /// The crisis vocabulary that one-edit typos are repaired to, and the words
@@ -314,8 +314,8 @@ impl Vocabulary {
         self.lexicon.get_hashed(w, h).unwrap_or_default()
     }
 
-    /// Gives each word the rules use its code in the matcher's automaton.
-    pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], [u8; 2])>) {
+    /// Gives each word the rules use its id in the matcher's automaton.
+    pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], u16)>) {
         for (w, code) in codes {
             let e = self.lexicon.entry_with(w, |_| Lex::default());
             e.flags |= CODED;
@@ -324,9 +324,9 @@ impl Vocabulary {
         self.refresh_letters();
     }
 
-    /// The automaton code of normalized word `w`, if the rules use it.
+    /// The automaton's id of normalized word `w`, if the rules use it.
     #[inline]
-    pub(crate) fn code(&self, w: &[u8]) -> Option<[u8; 2]> {
+    pub(crate) fn code(&self, w: &[u8]) -> Option<u16> {
         code_of(self.lexicon.get(w).unwrap_or_default())
     }
 
@@ -393,7 +393,7 @@ impl Vocabulary {
 }
 
 #[inline]
-fn code_of(lex: Lex) -> Option<[u8; 2]> {
+fn code_of(lex: Lex) -> Option<u16> {
     (lex.flags & CODED != 0).then_some(lex.code)
 }
 
@@ -527,6 +527,14 @@ impl Normalizer {
     }
 }
 
+/// The first eight bytes of `b` (which has at least eight) as one `u64`.
+#[inline(always)]
+fn load(b: &[u8]) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(x)
+}
+
 /// Where the run of ASCII letters that goes on at `bytes[i]` ends (the
 /// letter before `i` is known). Eight bytes at a time while there are eight.
 #[inline]
@@ -639,6 +647,9 @@ impl Emitter<'_> {
                         // A single letter waits: it may be one of `k i l l`.
                         self.run.push(char::from(letters[0] | 0x20));
                     }
+                    // The break after it changes nothing: no token is
+                    // being read and it is no colon.
+                    i += 1;
                 }
                 Some(b'\'' | b'`') => i = self.apostrophe_word(bytes, start, i),
                 _ => {
@@ -712,21 +723,36 @@ impl Emitter<'_> {
     /// lowercased as one `u64`, written with one store and hashed as is.
     #[inline]
     fn plain_word_at(&mut self, bytes: &[u8], start: usize, end: usize) {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
         let len = end - start;
-        let chunk = match bytes.get(start..start + 8) {
-            Some(chunk) if (1..=8).contains(&len) => chunk,
-            _ => return self.plain_word(&bytes[start..end]),
-        };
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
         // Letters only up to `end`: `| 0x20` lowercases each of them, and
         // the mask clears what follows.
-        let mask = u64::MAX >> (64 - 8 * len);
-        let x = (u64::from_le_bytes(b) | 0x2020_2020_2020_2020) & mask;
-        let h = hash_short(len, x);
-        // Looked up before it is written: a filler is then never written,
-        // and single letters held back go first without moving it.
-        let key = x.to_le_bytes();
+        let mask = |n: usize| u64::MAX >> (64 - 8 * n);
+        if (1..=8).contains(&len)
+            && let Some(chunk) = bytes.get(start..start + 8)
+        {
+            let x = (load(chunk) | LOWER) & mask(len);
+            self.plain_lowered(&x.to_le_bytes(), len, hash_short(len, x));
+        } else if (9..=16).contains(&len)
+            && let Some(chunk) = bytes.get(start..start + 16)
+        {
+            // Nearly all the rest: two `u64`s, the first all letters.
+            let x0 = load(&chunk[..8]) | LOWER;
+            let x1 = (load(&chunk[8..]) | LOWER) & mask(len - 8);
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&x0.to_le_bytes());
+            key[8..].copy_from_slice(&x1.to_le_bytes());
+            self.plain_lowered(&key, len, hash_pair(len, x0, x1));
+        } else {
+            self.plain_word(&bytes[start..end]);
+        }
+    }
+
+    /// A plain word, lowercased into `key[..len]` (zeros after), hash `h`.
+    /// Looked up before it is written: a filler is then never written, and
+    /// single letters held back go first without moving it.
+    #[inline(always)]
+    fn plain_lowered(&mut self, key: &[u8], len: usize, h: u64) {
         let lex = self.vocab.lex(&key[..len], h);
         if lex.flags & FILLER != 0 {
             return;
@@ -736,7 +762,7 @@ impl Emitter<'_> {
             self.out.push(b' ');
         }
         let s = self.out.len();
-        self.out.extend_from_slice(&key);
+        self.out.extend_from_slice(key);
         self.out.truncate(s + len);
         self.committed(s, h, lex);
     }
