@@ -476,6 +476,9 @@ impl Normalizer {
     /// codes (`words` is cleared first).
     pub(crate) fn normalize_words(&self, input: &str, out: &mut String, words: &mut Vec<WordRef>) {
         words.clear();
+        // About one word per five bytes of text: a long text's words are
+        // then not copied from buffer to growing buffer a dozen times.
+        words.reserve(input.len() / 5);
         self.normalize_inner(input, out, Some(words));
     }
 
@@ -496,6 +499,7 @@ impl Normalizer {
             tok: String::new(),
             plain: Vec::new(),
             apos: String::new(),
+            cleaned: String::new(),
             last_colon: false,
             tok_after_colon: false,
         };
@@ -595,6 +599,8 @@ struct Emitter<'a> {
     plain: Vec<u8>,
     /// Scratch for a word with apostrophes.
     apos: String,
+    /// Scratch for a word whose symbols are cleaned.
+    cleaned: String,
     /// The previous character was a `:`.
     last_colon: bool,
     /// The word being read began right after a `:` (a `:pill:` shortcode).
@@ -885,7 +891,7 @@ impl Emitter<'_> {
             return;
         }
         let mut tok = std::mem::take(&mut self.tok);
-        clean_word(&mut tok);
+        clean_word(&mut tok, &mut self.cleaned);
         if !tok.is_empty() {
             self.word_owned(&tok);
         }
@@ -1117,7 +1123,10 @@ impl Emitter<'_> {
 /// Turns a raw word of `[a-z0-9@$!|]` into `[a-z0-9]`: symbols at the edges
 /// go, and inside a word that has letters, digits and symbols that stand for
 /// letters become those letters unless the word is a number with a unit.
-fn clean_word(tok: &mut String) {
+/// `scratch` is where a rewritten word is built; it is swapped with `tok`,
+/// so neither buffer is given up (a token path that allocated per token
+/// spent more on the allocator than on the tokens).
+fn clean_word(tok: &mut String, scratch: &mut String) {
     if tok.bytes().all(|b| b.is_ascii_lowercase()) {
         return;
     }
@@ -1137,11 +1146,13 @@ fn clean_word(tok: &mut String) {
     let has_other = bytes.iter().any(|b| !b.is_ascii_lowercase());
     if !has_other {
         if start > 0 || end < tok.len() {
-            *tok = tok[start..end].to_string();
+            tok.truncate(end);
+            tok.drain(..start);
         }
         return;
     }
-    let mut cleaned = String::with_capacity(bytes.len());
+    let cleaned = scratch;
+    cleaned.clear();
     if !has_letter || is_number_with_unit(bytes) {
         cleaned.extend(bytes.iter().filter(|b| !is_sym(**b)).map(|&b| b as char));
     } else {
@@ -1159,7 +1170,7 @@ fn clean_word(tok: &mut String) {
             cleaned.push(c);
         }
     }
-    *tok = cleaned;
+    std::mem::swap(tok, cleaned);
 }
 
 fn is_number_with_unit(bytes: &[u8]) -> bool {
