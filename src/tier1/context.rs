@@ -60,6 +60,47 @@ pub struct ContextRule {
     before_by_last: FxHashMap<String, Vec<usize>>,
     before_by_first: FxHashMap<String, Vec<usize>>,
     after_by_first: FxHashMap<String, Vec<usize>>,
+    /// For each set above, a filter that turns away most words that are
+    /// not in it before they are hashed and looked up: every word of a
+    /// match's surroundings is asked about, most of them more than once.
+    skip_filter: WordFilter,
+    barrier_filter: WordFilter,
+    before_last_filter: WordFilter,
+    before_first_filter: WordFilter,
+    after_first_filter: WordFilter,
+}
+
+/// A set of words as 256 bits, one per signature of a word's length and
+/// its first and last bytes: never says no to a word of the set.
+#[derive(Debug, Clone, Default)]
+struct WordFilter([u64; 4]);
+
+impl WordFilter {
+    fn of<'a>(words: impl IntoIterator<Item = &'a String>) -> Self {
+        let mut f = WordFilter::default();
+        for w in words {
+            let i = Self::signature(w);
+            f.0[i / 64] |= 1 << (i % 64);
+        }
+        f
+    }
+
+    #[inline]
+    fn signature(w: &str) -> usize {
+        let b = w.as_bytes();
+        let (first, last) = match (b.first(), b.last()) {
+            (Some(&f), Some(&l)) => (u32::from(f), u32::from(l)),
+            _ => (0, 0),
+        };
+        let x = ((b.len() as u32) << 16) | (first << 8) | last;
+        (x.wrapping_mul(0x9E37_79B1) >> 24) as usize
+    }
+
+    #[inline]
+    fn may_contain(&self, w: &str) -> bool {
+        let i = Self::signature(w);
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
 }
 
 fn index(
@@ -85,17 +126,27 @@ impl ContextRule {
         skip: impl IntoIterator<Item = String>,
         barriers: impl IntoIterator<Item = String>,
     ) -> Self {
+        let skip: FxHashSet<String> = skip.into_iter().collect();
+        let barriers: FxHashSet<String> = barriers.into_iter().collect();
+        let before_by_last = index(&before, |c| c.last());
+        let before_by_first = index(&before, |c| c.first());
+        let after_by_first = index(&after, |c| c.first());
         ContextRule {
             kind,
             adjacent,
             reach,
-            before_by_last: index(&before, |c| c.last()),
-            before_by_first: index(&before, |c| c.first()),
-            after_by_first: index(&after, |c| c.first()),
+            skip_filter: WordFilter::of(&skip),
+            barrier_filter: WordFilter::of(&barriers),
+            before_last_filter: WordFilter::of(before_by_last.keys()),
+            before_first_filter: WordFilter::of(before_by_first.keys()),
+            after_first_filter: WordFilter::of(after_by_first.keys()),
+            before_by_last,
+            before_by_first,
+            after_by_first,
             before,
             after,
-            skip: skip.into_iter().collect(),
-            barriers: barriers.into_iter().collect(),
+            skip,
+            barriers,
         }
     }
 
@@ -113,17 +164,18 @@ impl ContextRule {
             let mut end = before.len();
             let mut skipped = 0;
             while end > 0 {
-                if self
-                    .before_by_last
-                    .get(before[end - 1])
-                    .is_some_and(|cues| {
+                let w = before[end - 1];
+                if self.before_last_filter.may_contain(w)
+                    && self.before_by_last.get(w).is_some_and(|cues| {
                         cues.iter()
                             .any(|&c| ends_with(&before[..end], &self.before[c]))
                     })
                 {
                     return true;
                 }
-                if skipped >= self.reach || !self.skip.contains(before[end - 1]) {
+                if skipped >= self.reach
+                    || !(self.skip_filter.may_contain(w) && self.skip.contains(w))
+                {
                     return false;
                 }
                 end -= 1;
@@ -135,9 +187,14 @@ impl ContextRule {
         let region = &before[lo..];
         let start = region
             .iter()
-            .rposition(|w| self.barriers.contains(*w))
+            .rposition(|w| self.is_barrier(w))
             .map_or(0, |i| i + 1);
-        contains(&region[start..], &self.before, &self.before_by_first)
+        contains(
+            &region[start..],
+            &self.before,
+            &self.before_by_first,
+            &self.before_first_filter,
+        )
     }
 
     fn applies_after(&self, after: &[&str]) -> bool {
@@ -147,9 +204,19 @@ impl ContextRule {
         let region = &after[..after.len().min(self.reach)];
         let end = region
             .iter()
-            .position(|w| self.barriers.contains(*w))
+            .position(|w| self.is_barrier(w))
             .unwrap_or(region.len());
-        contains(&region[..end], &self.after, &self.after_by_first)
+        contains(
+            &region[..end],
+            &self.after,
+            &self.after_by_first,
+            &self.after_first_filter,
+        )
+    }
+
+    #[inline]
+    fn is_barrier(&self, w: &str) -> bool {
+        self.barrier_filter.may_contain(w) && self.barriers.contains(w)
     }
 }
 
@@ -166,14 +233,16 @@ fn contains(
     words: &[&str],
     cues: &[Vec<String>],
     by_first: &FxHashMap<String, Vec<usize>>,
+    filter: &WordFilter,
 ) -> bool {
     (0..words.len()).any(|i| {
-        by_first.get(words[i]).is_some_and(|cs| {
-            cs.iter().any(|&c| {
-                let cue = &cues[c];
-                words.len() - i >= cue.len() && words[i..].iter().zip(cue).all(|(a, b)| *a == b)
+        filter.may_contain(words[i])
+            && by_first.get(words[i]).is_some_and(|cs| {
+                cs.iter().any(|&c| {
+                    let cue = &cues[c];
+                    words.len() - i >= cue.len() && words[i..].iter().zip(cue).all(|(a, b)| *a == b)
+                })
             })
-        })
     })
 }
 
@@ -196,6 +265,40 @@ mod tests {
             ["really", "ever"].iter().map(|s| s.to_string()),
             ["but", "now"].iter().map(|s| s.to_string()),
         )
+    }
+
+    #[test]
+    fn filter_holds_every_word_of_its_set() {
+        let words: Vec<String> = [
+            "not",
+            "never",
+            "dont",
+            "i",
+            "a",
+            "",
+            "when",
+            "was",
+            "my",
+            "brother",
+            "hes",
+            "theyre",
+            "neither",
+            "intentions",
+            "x",
+            "zz",
+            "no longer",
+        ]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+        let f = WordFilter::of(&words);
+        for w in &words {
+            assert!(f.may_contain(w), "{w:?}");
+        }
+        // It turns words away, or it would save nothing.
+        let others = ["tuesday", "appointment", "pizza", "okay", "the", "session"];
+        assert!(others.iter().any(|w| !f.may_contain(w)));
+        assert!(!WordFilter::default().may_contain("not"));
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!   are looked up on a match instead of multiplied into the literals, which
 //!   keeps the automaton at tens of thousands of literals, not hundreds.
 //! * **Whole words, one step per word.** The automaton runs over words, not
-//!   letters: each word a rule uses has a two-byte code and every other word
-//!   sends the automaton back to its start. A phrase therefore matches only
-//!   on word bounds, and a text costs one table lookup per word. The one
+//!   letters (see `automaton.rs`): each word a rule uses has an
+//!   id, handed out with the word by the normalizer's lexicon, and every
+//!   other word sends the automaton back to its start. A phrase therefore
+//!   matches only on word bounds, and a text costs one step per word. The one
 //!   exception is the joined form of an unambiguous multi-word pattern
 //!   (`killmyself`, `wanttodie`), looked for inside every word of eight or
 //!   more letters: that many letters of crisis phrase do not turn up inside
@@ -37,17 +38,16 @@
 
 use std::cell::RefCell;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
-use aho_corasick::automaton::{Automaton, StateID};
-use aho_corasick::nfa::contiguous::NFA;
-use aho_corasick::{AhoCorasick, Anchored, MatchKind};
+use aho_corasick::{AhoCorasick, MatchKind};
 use thiserror::Error;
 
+use super::automaton::{START, StateId, WordAutomaton};
 use super::context::{ContextKind, ContextRule};
 use super::normalize::{Normalizer, Vocabulary, WordRef};
 use super::rules::{Action, Rule, RuleSet};
-use super::words::WordTable;
+use super::words::{WordTable, hash};
 use crate::domain::Speaker;
 
 /// Joined forms shorter than this stay whole-word only.
@@ -89,8 +89,6 @@ pub enum BuildError {
     TooLarge(String),
     #[error("building the automaton failed: {0}")]
     Automaton(#[from] aho_corasick::BuildError),
-    #[error("the automaton has no start state: {0}")]
-    Start(#[from] aho_corasick::MatchError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +117,7 @@ pub struct StreamState {
     /// The agent's last final asked this screening question, unanswered.
     asked: Option<u16>,
     /// The automaton's state at the end of `window`, if it can be resumed.
-    resume: Option<StateID>,
+    resume: Option<StateId>,
     /// The spaced letters the last final ended with, as typed ("k i l"),
     /// and how many of the window's last words they became: a run that
     /// goes on in the next fragment is normalized again as one.
@@ -144,11 +142,10 @@ impl StreamState {
 /// The compiled rule set. Immutable and `Sync`: share one across streams.
 #[derive(Debug)]
 pub struct Matcher {
-    /// The automaton over words: each word a rule uses is a two-byte code,
-    /// every other word sends it back to its start. Driven code by code so
-    /// that its state can be kept between a conversation's fragments.
-    nfa: NFA,
-    start: StateID,
+    /// The automaton over words: each word a rule uses has an id, every
+    /// other word sends it back to its start. Driven word by word so that
+    /// its state can be kept between a conversation's fragments.
+    automaton: WordAutomaton,
     patterns: Vec<PatternInfo>,
     /// Joined forms, matched inside words of at least `MIN_JOINED_LEN`.
     joined: Option<AhoCorasick>,
@@ -159,7 +156,7 @@ pub struct Matcher {
     /// automaton.
     joined_heads: JoinedHeads,
     rules: RuleSet,
-    /// Also knows each rule word's code in `nfa` (its lexicon): the words
+    /// Also knows each rule word's id in `automaton` (its lexicon): the words
     /// it writes come with their codes.
     normalizer: Normalizer,
     /// Context rules per rule language, indexed like `languages`.
@@ -167,7 +164,8 @@ pub struct Matcher {
     rule_language: Vec<u16>,
     /// Required prefixes per rule, if any.
     prefixes: Vec<Option<Prefixes>>,
-    prefix_skip: FxHashSet<Box<str>>,
+    /// Words that may stand between a prefix and its phrase.
+    prefix_skip: WordTable<()>,
     /// Screening questions of every language, pattern id → screening index.
     questions: Option<AhoCorasick>,
     question_of: Vec<u16>,
@@ -200,15 +198,8 @@ impl<'a> Literals<'a> {
     }
 }
 
-/// Codes of at most this many words fit in two bytes.
-const MAX_WORDS: usize = 1 << 14;
-
-/// The two-byte code of word number `i`. The first byte has its high bit
-/// set and the second does not, so a coded literal can only match at a
-/// word's first byte: word bounds come for free.
-fn word_code(i: usize) -> [u8; 2] {
-    [0x80 | (i >> 7) as u8, (i & 0x7f) as u8]
-}
+/// Word ids fit in 16 bits.
+const MAX_WORDS: usize = 1 << 16;
 
 /// Bits for the four-byte beginnings of joined forms (see `joined_heads`).
 #[derive(Debug, Clone)]
@@ -254,57 +245,97 @@ impl JoinedHeads {
 /// The set of word sequences one of which must end right before a match.
 #[derive(Debug)]
 struct Prefixes {
-    /// Hashes of the prefixes: building a matcher hashes thousands of them
-    /// and allocates none. A collision could only make a rule fire.
-    set: FxHashSet<u64>,
+    /// Keys (see `PREFIX_KEY_START`) of the prefixes' endings of every
+    /// length, each saying whether it is a whole prefix: the walk back from
+    /// a match stops at the first word no prefix ends with, which is nearly
+    /// always the first. Building a matcher keys thousands of prefixes and
+    /// allocates none for them. A collision could only make a rule fire.
+    endings: FxHashMap<u64, bool>,
     max_words: usize,
 }
 
-fn prefix_hash(s: &str) -> u64 {
-    use std::hash::BuildHasher;
-    rustc_hash::FxBuildHasher.hash_one(s)
+/// The key of a word sequence is built from its last word back, one step
+/// per word from the word's table hash: a match's preceding words are each
+/// hashed once, however many prefix lengths are tried.
+const PREFIX_KEY_START: u64 = 0x243F_6A88_85A3_08D3;
+
+#[inline]
+fn prefix_key_step(key: u64, word_hash: u64) -> u64 {
+    (key.rotate_left(26) ^ word_hash).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 impl Prefixes {
-    /// Where the longest prefix ending at byte `start` of `buf` begins.
-    /// Spoken filler such as "like" or "just" may stand between the prefix
-    /// and the phrase ("gonna like take all the pills"), up to two words.
-    fn start_before(&self, buf: &str, start: usize, skip: &FxHashSet<Box<str>>) -> Option<usize> {
-        let mut head = buf[..start].strip_suffix(' ')?;
-        for _ in 0..=PREFIX_SKIP {
-            if let Some(s) = self.longest_ending(head) {
-                return Some(s);
+    fn new(prefixes: &[String]) -> Self {
+        let mut endings: FxHashMap<u64, bool> = FxHashMap::default();
+        let mut max_words = 0;
+        for p in prefixes {
+            let mut key = PREFIX_KEY_START;
+            let mut words = 0;
+            for w in p.rsplit(' ') {
+                key = prefix_key_step(key, hash(w.as_bytes()));
+                endings.entry(key).or_insert(false);
+                words += 1;
             }
-            let from = head.rfind(' ').map_or(0, |sp| sp + 1);
-            if from == 0 || !skip.contains(&head[from..]) {
+            endings.insert(key, true);
+            max_words = max_words.max(words);
+        }
+        Prefixes { endings, max_words }
+    }
+}
+
+/// The word of `bytes` that ends at `end`: where it starts.
+#[inline]
+fn word_start(bytes: &[u8], end: usize) -> usize {
+    let mut from = end;
+    while from > 0 && bytes[from - 1] != b' ' {
+        from -= 1;
+    }
+    from
+}
+
+impl Prefixes {
+    /// Where the longest prefix ending at byte `start` of normalized
+    /// `bytes` begins. Spoken filler such as "like" or "just" may stand
+    /// between the prefix and the phrase ("gonna like take all the pills"),
+    /// up to two words.
+    fn start_before(&self, bytes: &[u8], start: usize, skip: &WordTable<()>) -> Option<usize> {
+        // Where the text before the phrase ends, without its space.
+        let mut end = start.checked_sub(1).filter(|&e| bytes[e] == b' ')?;
+        for _ in 0..=PREFIX_SKIP {
+            // The longest prefix ending exactly at `end`, and the last word.
+            let mut best = None;
+            let mut last = None;
+            let mut key = PREFIX_KEY_START;
+            let mut i = end;
+            for _ in 0..self.max_words {
+                let from = word_start(bytes, i);
+                let h = hash(&bytes[from..i]);
+                last.get_or_insert((from, h));
+                key = prefix_key_step(key, h);
+                match self.endings.get(&key) {
+                    // No prefix ends with these words, so no longer one.
+                    None => break,
+                    Some(&whole) if whole => best = Some(from),
+                    Some(_) => {}
+                }
+                if from == 0 {
+                    break;
+                }
+                i = from - 1;
+            }
+            if best.is_some() {
+                return best;
+            }
+            let (from, h) = last.unwrap_or_else(|| {
+                let from = word_start(bytes, end);
+                (from, hash(&bytes[from..end]))
+            });
+            if from == 0 || skip.get_hashed(&bytes[from..end], h).is_none() {
                 return None;
             }
-            head = &head[..from - 1];
+            end = from - 1;
         }
         None
-    }
-
-    /// Where the longest prefix ending exactly at the end of `head` begins.
-    fn longest_ending(&self, head: &str) -> Option<usize> {
-        let mut best = None;
-        let mut words = 0;
-        let mut i = head.len();
-        let bytes = head.as_bytes();
-        while words < self.max_words {
-            let mut from = i;
-            while from > 0 && bytes[from - 1] != b' ' {
-                from -= 1;
-            }
-            words += 1;
-            if self.set.contains(&prefix_hash(&head[from..])) {
-                best = Some(from);
-            }
-            if from == 0 {
-                break;
-            }
-            i = from - 1;
-        }
-        best
     }
 }
 
@@ -355,24 +386,29 @@ impl Matcher {
             }
         }
         let max_literal = lit.strings.iter().map(|s| s.len()).max().unwrap_or(0);
-        // Each literal becomes the codes of its words.
-        let mut words = WordTable::with_capacity(4096);
-        let mut coded: Vec<u8> = Vec::new();
+        // Each literal becomes the ids of its words.
+        let mut words: WordTable<u16> = WordTable::with_capacity(4096);
+        let mut coded: Vec<u16> = Vec::new();
         let mut bounds: Vec<usize> = Vec::with_capacity(lit.strings.len() + 1);
         bounds.push(0);
+        let mut overflow = false;
         for s in &lit.strings {
             for w in s.split(' ') {
-                coded.extend_from_slice(&words.insert_with(w.as_bytes(), word_code));
+                coded.push(words.insert_with(w.as_bytes(), |i| {
+                    u16::try_from(i).unwrap_or_else(|_| {
+                        overflow = true;
+                        0
+                    })
+                }));
             }
             bounds.push(coded.len());
         }
-        if words.len() > MAX_WORDS {
+        if overflow || words.len() > MAX_WORDS {
             return Err(too_large("distinct words"));
         }
-        let nfa = NFA::builder()
-            .match_kind(MatchKind::Standard)
-            .build(bounds.windows(2).map(|b| &coded[b[0]..b[1]]))?;
-        let start = nfa.start_state(Anchored::No)?;
+        let automaton =
+            WordAutomaton::new(bounds.windows(2).map(|b| &coded[b[0]..b[1]]), words.len())
+                .map_err(|_| too_large("automaton states"))?;
         let patterns = lit.patterns;
         let joined = if joined_lit.strings.is_empty() {
             None
@@ -409,17 +445,7 @@ impl Matcher {
         let prefixes = rules
             .rules
             .iter()
-            .map(|r| {
-                (!r.prefixes.is_empty()).then(|| Prefixes {
-                    set: r.prefixes.iter().map(|p| prefix_hash(p)).collect(),
-                    max_words: r
-                        .prefixes
-                        .iter()
-                        .map(|p| p.split(' ').count())
-                        .max()
-                        .unwrap_or(0),
-                })
-            })
+            .map(|r| (!r.prefixes.is_empty()).then(|| Prefixes::new(&r.prefixes)))
             .collect();
         let mut question_of = Vec::new();
         let mut question_strings: Vec<&str> = Vec::new();
@@ -439,17 +465,15 @@ impl Matcher {
                     .build(&question_strings)?,
             )
         };
-        let prefix_skip = rules
-            .prefix_skip
-            .iter()
-            .map(|w| Box::from(w.as_str()))
-            .collect();
+        let mut prefix_skip = WordTable::with_capacity(rules.prefix_skip.len());
+        for w in &rules.prefix_skip {
+            prefix_skip.insert_with(w.as_bytes(), |_| ());
+        }
         let mut vocabulary =
             Vocabulary::new(rules.repair.iter().map(String::as_str), known_words(&rules));
         vocabulary.set_codes(words.iter());
         Ok(Matcher {
-            nfa,
-            start,
+            automaton,
             patterns,
             joined,
             joined_patterns,
@@ -529,11 +553,7 @@ impl Matcher {
             buf.clear();
             buf.push_str(&state.window);
             let mut old = buf.len();
-            let mut resume = if old > 0 {
-                state.resume
-            } else {
-                Some(self.start)
-            };
+            let mut resume = if old > 0 { state.resume } else { Some(START) };
             let joined;
             let mut input = text;
             if old > 0 && !state.letters.is_empty() && starts_with_letter(text) {
@@ -546,7 +566,7 @@ impl Matcher {
                     input = &joined;
                     buf.truncate(cut.saturating_sub(1));
                     old = buf.len();
-                    resume = if old > 0 { None } else { Some(self.start) };
+                    resume = if old > 0 { None } else { Some(START) };
                 }
             }
             self.normalizer.normalize_words(input, buf, words);
@@ -683,9 +703,9 @@ impl Matcher {
         buf: &str,
         old: usize,
         partial: bool,
-        resume: Option<StateID>,
+        resume: Option<StateId>,
         words: Option<&[WordRef]>,
-    ) -> (Vec<Detection>, StateID) {
+    ) -> (Vec<Detection>, StateId) {
         let bytes = buf.as_bytes();
         let mut raw: Vec<RawMatch> = Vec::new();
         // Either carry on from the state the window ended in, or rescan the
@@ -699,7 +719,7 @@ impl Matcher {
                     .iter()
                     .rposition(|&b| b == b' ')
                     .map_or(0, |i| i + 1);
-                (self.start, from)
+                (START, from)
             }
         };
         let mut push = |info: &PatternInfo, end: usize| {
@@ -717,21 +737,29 @@ impl Matcher {
                 raw.push(RawMatch { start, end, target });
             }
         };
-        let mut word = |ws: usize, we: usize, code: Option<[u8; 2]>| {
+        // Without the normalizer's words, find and look up the words of
+        // the text again (a rescan of the window's end: a few words). One
+        // loop over a slice either way keeps the step below inlined.
+        let found_again: Vec<WordRef>;
+        let words = match words {
+            Some(words) => words,
+            None => {
+                found_again = self.words_of(bytes, from);
+                &found_again
+            }
+        };
+        for &WordRef { s: ws, e: we, code } in words {
             match code {
-                Some([hi, lo]) => {
-                    // The first byte of a code never ends a literal.
-                    sid = self.nfa.next_state(Anchored::No, sid, hi);
-                    sid = self.nfa.next_state(Anchored::No, sid, lo);
-                    if we > old && self.nfa.is_special(sid) && self.nfa.is_match(sid) {
-                        for i in 0..self.nfa.match_len(sid) {
-                            let pid = self.nfa.match_pattern(sid, i);
-                            push(&self.patterns[pid.as_usize()], we);
+                Some(w) => {
+                    sid = self.automaton.next(sid, w);
+                    if we > old {
+                        for &pid in self.automaton.matches(sid) {
+                            push(&self.patterns[pid as usize], we);
                         }
                     }
                 }
                 // No literal holds this word: every partial match dies.
-                None => sid = self.start,
+                None => sid = START,
             }
             if we - ws >= MIN_JOINED_LEN
                 && we > old
@@ -740,30 +768,6 @@ impl Matcher {
             {
                 for m in ac.find_overlapping_iter(&buf[ws..we]) {
                     push(&self.joined_patterns[m.pattern().as_usize()], ws + m.end());
-                }
-            }
-        };
-        match words {
-            Some(words) => {
-                for w in words {
-                    word(w.s, w.e, w.code);
-                }
-            }
-            None => {
-                let vocabulary = self.normalizer.vocabulary();
-                let mut at = from;
-                while at < bytes.len() {
-                    if bytes[at] == b' ' {
-                        at += 1;
-                        continue;
-                    }
-                    let ws = at;
-                    let we = bytes[ws..]
-                        .iter()
-                        .position(|&b| b == b' ')
-                        .map_or(bytes.len(), |p| ws + p);
-                    at = we;
-                    word(ws, we, vocabulary.code(&bytes[ws..we]));
                 }
             }
         }
@@ -787,7 +791,7 @@ impl Matcher {
             .filter_map(|(s, e, r)| match &self.prefixes[r as usize] {
                 None => Some((s, e, r)),
                 Some(p) => p
-                    .start_before(buf, s, &self.prefix_skip)
+                    .start_before(bytes, s, &self.prefix_skip)
                     .map(|ps| (ps, e, r)),
             })
             .collect();
@@ -848,6 +852,32 @@ impl Matcher {
         }
         found.sort_by(|a, b| b.action.cmp(&a.action).then(a.rule.cmp(&b.rule)));
         (found, sid)
+    }
+
+    /// The words of normalized `bytes` from `from` (a word's start), with
+    /// their codes.
+    fn words_of(&self, bytes: &[u8], from: usize) -> Vec<WordRef> {
+        let vocabulary = self.normalizer.vocabulary();
+        let mut words = Vec::new();
+        let mut at = from;
+        while at < bytes.len() {
+            if bytes[at] == b' ' {
+                at += 1;
+                continue;
+            }
+            let ws = at;
+            let we = bytes[ws..]
+                .iter()
+                .position(|&b| b == b' ')
+                .map_or(bytes.len(), |p| ws + p);
+            at = we;
+            words.push(WordRef {
+                s: ws,
+                e: we,
+                code: vocabulary.code(&bytes[ws..we]),
+            });
+        }
+        words
     }
 
     fn context_of(&self, lang: u16, buf: &str, start: usize, end: usize) -> Option<ContextKind> {

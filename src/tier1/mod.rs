@@ -6,6 +6,7 @@
 //! [`Detection`]s, each `escalate` or `review`; turning detections into
 //! escalations is the escalation module's job, not this one's.
 
+mod automaton;
 pub mod context;
 pub mod matcher;
 pub mod normalize;

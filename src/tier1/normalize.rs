@@ -40,7 +40,7 @@ use rustc_hash::FxHashSet;
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 
-use super::words::{WordTable, hash, hash_short};
+use super::words::{WordTable, hash, hash_pair, hash_short};
 
 /// Tokens of history kept while normalizing one text (a power of two: the
 /// history is a ring). Four are not enough: a split word merged at the end
@@ -123,8 +123,8 @@ struct Lex {
     flags: u8,
     /// With `TYPO`: the index in `Vocabulary::targets` it is repaired to.
     target: u16,
-    /// With `CODED`: the word's code in the matcher's automaton.
-    code: [u8; 2],
+    /// With `CODED`: the word's id in the matcher's automaton.
+    code: u16,
 }
 
 /// A speech filler.
@@ -135,7 +135,7 @@ const TYPO: u8 = 2;
 const LEFT: u8 = 4;
 /// The end of a repair target (so it may be the right half of a split).
 const RIGHT: u8 = 8;
-/// A word the rules use, with its code in the automaton.
+/// A word the rules use, with its id in the automaton.
 const CODED: u8 = 16;
 
 /// A word of normalized output as the normalizer wrote it, for the matcher:
@@ -145,7 +145,7 @@ const CODED: u8 = 16;
 pub(crate) struct WordRef {
     pub s: usize,
     pub e: usize,
-    pub code: Option<[u8; 2]>,
+    pub code: Option<u16>,
 }
 
 /// The crisis vocabulary that one-edit typos are repaired to, and the words
@@ -165,6 +165,9 @@ pub struct Vocabulary {
     /// lookup answers exactly what the slower checks would.
     lexicon: WordTable<Lex>,
     targets: Vec<Box<str>>,
+    /// The lexicon's entries for the single letters `a` to `z`, which
+    /// spaced-out words and the words "i" and "a" commit one by one.
+    letters: [Lex; 26],
 }
 
 impl Default for Vocabulary {
@@ -207,6 +210,7 @@ impl Vocabulary {
             known: FxHashSet::default(),
             lexicon: WordTable::with_capacity(0),
             targets: Vec::new(),
+            letters: [Lex::default(); 26],
         };
         // Only known words that a repair would otherwise rewrite need
         // remembering; the rest cannot be confused with the vocabulary.
@@ -287,6 +291,22 @@ impl Vocabulary {
         }
         self.lexicon = lexicon;
         self.targets = targets;
+        self.refresh_letters();
+    }
+
+    fn refresh_letters(&mut self) {
+        for (l, b) in self.letters.iter_mut().zip(b'a'..=b'z') {
+            *l = self.lexicon.get(&[b]).unwrap_or_default();
+        }
+    }
+
+    /// `lex` of the one-letter word `b` (a lowercase ASCII letter).
+    #[inline]
+    fn letter_lex(&self, b: u8) -> Lex {
+        match self.letters.get(usize::from(b.wrapping_sub(b'a'))) {
+            Some(&l) => l,
+            None => self.lex(&[b], hash(&[b])),
+        }
     }
 
     #[inline]
@@ -294,18 +314,19 @@ impl Vocabulary {
         self.lexicon.get_hashed(w, h).unwrap_or_default()
     }
 
-    /// Gives each word the rules use its code in the matcher's automaton.
-    pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], [u8; 2])>) {
+    /// Gives each word the rules use its id in the matcher's automaton.
+    pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], u16)>) {
         for (w, code) in codes {
             let e = self.lexicon.entry_with(w, |_| Lex::default());
             e.flags |= CODED;
             e.code = code;
         }
+        self.refresh_letters();
     }
 
-    /// The automaton code of normalized word `w`, if the rules use it.
+    /// The automaton's id of normalized word `w`, if the rules use it.
     #[inline]
-    pub(crate) fn code(&self, w: &[u8]) -> Option<[u8; 2]> {
+    pub(crate) fn code(&self, w: &[u8]) -> Option<u16> {
         code_of(self.lexicon.get(w).unwrap_or_default())
     }
 
@@ -372,7 +393,7 @@ impl Vocabulary {
 }
 
 #[inline]
-fn code_of(lex: Lex) -> Option<[u8; 2]> {
+fn code_of(lex: Lex) -> Option<u16> {
     (lex.flags & CODED != 0).then_some(lex.code)
 }
 
@@ -455,6 +476,9 @@ impl Normalizer {
     /// codes (`words` is cleared first).
     pub(crate) fn normalize_words(&self, input: &str, out: &mut String, words: &mut Vec<WordRef>) {
         words.clear();
+        // About one word per five bytes of text: a long text's words are
+        // then not copied from buffer to growing buffer a dozen times.
+        words.reserve(input.len() / 5);
         self.normalize_inner(input, out, Some(words));
     }
 
@@ -469,12 +493,13 @@ impl Normalizer {
             base: bytes_out.len(),
             out: bytes_out,
             hist: [Tok::default(); HIST],
-            head: 0,
+            top: HIST - 1,
             hist_len: 0,
             run: String::new(),
             tok: String::new(),
-            plain: String::new(),
+            plain: Vec::new(),
             apos: String::new(),
+            cleaned: String::new(),
             last_colon: false,
             tok_after_colon: false,
         };
@@ -504,6 +529,14 @@ impl Normalizer {
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
     }
+}
+
+/// The first eight bytes of `b` (which has at least eight) as one `u64`.
+#[inline(always)]
+fn load(b: &[u8]) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(x)
 }
 
 /// Where the run of ASCII letters that goes on at `bytes[i]` ends (the
@@ -552,19 +585,22 @@ struct Emitter<'a> {
     out: Vec<u8>,
     /// Where this call's output begins in `out`.
     base: usize,
-    /// The last few tokens written by this call, oldest first from `head`
-    /// (a ring); enough to undo split words and repeated pairs.
+    /// The last few tokens written by this call (a ring, `hist_len` of
+    /// them, the newest at `top`); enough to undo split words and repeated
+    /// pairs. Indexed from the newest: every look-back starts there.
     hist: [Tok; HIST],
-    head: usize,
+    top: usize,
     hist_len: usize,
     /// Pending run of single-letter tokens, letters only.
     run: String,
     /// The word being read.
     tok: String,
     /// Scratch for a plain word that must wait for a run to go first.
-    plain: String,
+    plain: Vec<u8>,
     /// Scratch for a word with apostrophes.
     apos: String,
+    /// Scratch for a word whose symbols are cleaned.
+    cleaned: String,
     /// The previous character was a `:`.
     last_colon: bool,
     /// The word being read began right after a `:` (a `:pill:` shortcode).
@@ -617,6 +653,9 @@ impl Emitter<'_> {
                         // A single letter waits: it may be one of `k i l l`.
                         self.run.push(char::from(letters[0] | 0x20));
                     }
+                    // The break after it changes nothing: no token is
+                    // being read and it is no colon.
+                    i += 1;
                 }
                 Some(b'\'' | b'`') => i = self.apostrophe_word(bytes, start, i),
                 _ => {
@@ -690,25 +729,48 @@ impl Emitter<'_> {
     /// lowercased as one `u64`, written with one store and hashed as is.
     #[inline]
     fn plain_word_at(&mut self, bytes: &[u8], start: usize, end: usize) {
+        const LOWER: u64 = 0x2020_2020_2020_2020;
         let len = end - start;
-        let chunk = match bytes.get(start..start + 8) {
-            Some(chunk) if (1..=8).contains(&len) => chunk,
-            _ => return self.plain_word(&bytes[start..end]),
-        };
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
         // Letters only up to `end`: `| 0x20` lowercases each of them, and
         // the mask clears what follows.
-        let mask = u64::MAX >> (64 - 8 * len);
-        let x = (u64::from_le_bytes(b) | 0x2020_2020_2020_2020) & mask;
-        let mark = self.out.len();
+        let mask = |n: usize| u64::MAX >> (64 - 8 * n);
+        if (1..=8).contains(&len)
+            && let Some(chunk) = bytes.get(start..start + 8)
+        {
+            let x = (load(chunk) | LOWER) & mask(len);
+            self.plain_lowered(&x.to_le_bytes(), len, hash_short(len, x));
+        } else if (9..=16).contains(&len)
+            && let Some(chunk) = bytes.get(start..start + 16)
+        {
+            // Nearly all the rest: two `u64`s, the first all letters.
+            let x0 = load(&chunk[..8]) | LOWER;
+            let x1 = (load(&chunk[8..]) | LOWER) & mask(len - 8);
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&x0.to_le_bytes());
+            key[8..].copy_from_slice(&x1.to_le_bytes());
+            self.plain_lowered(&key, len, hash_pair(len, x0, x1));
+        } else {
+            self.plain_word(&bytes[start..end]);
+        }
+    }
+
+    /// A plain word, lowercased into `key[..len]` (zeros after), hash `h`.
+    /// Looked up before it is written: a filler is then never written, and
+    /// single letters held back go first without moving it.
+    #[inline(always)]
+    fn plain_lowered(&mut self, key: &[u8], len: usize, h: u64) {
+        let lex = self.vocab.lex(&key[..len], h);
+        if lex.flags & FILLER != 0 {
+            return;
+        }
+        self.flush_run();
         if self.needs_space() {
             self.out.push(b' ');
         }
         let s = self.out.len();
-        self.out.extend_from_slice(&x.to_le_bytes());
+        self.out.extend_from_slice(key);
         self.out.truncate(s + len);
-        self.plain_written(mark, s, hash_short(len, x));
+        self.committed(s, h, lex);
     }
 
     /// The plain word at `out[s..]` (hash `h`) is written, after a space
@@ -724,10 +786,15 @@ impl Emitter<'_> {
             // Single letters held back for a spaced-out word go first.
             let mut w = std::mem::take(&mut self.plain);
             w.clear();
-            w.extend(self.out[s..].iter().map(|&c| char::from(c)));
+            w.extend_from_slice(&self.out[s..]);
             self.out.truncate(mark);
             self.flush_run();
-            self.commit(&w);
+            if self.needs_space() {
+                self.out.push(b' ');
+            }
+            let s = self.out.len();
+            self.out.extend_from_slice(&w);
+            self.committed(s, h, lex);
             self.plain = w;
             return;
         }
@@ -824,7 +891,7 @@ impl Emitter<'_> {
             return;
         }
         let mut tok = std::mem::take(&mut self.tok);
-        clean_word(&mut tok);
+        clean_word(&mut tok, &mut self.cleaned);
         if !tok.is_empty() {
             self.word_owned(&tok);
         }
@@ -841,28 +908,39 @@ impl Emitter<'_> {
             return;
         }
         self.flush_run();
-        self.commit(w);
+        self.commit(w.as_bytes());
     }
 
     /// A word that is already canonical (an emoji token).
     fn word(&mut self, w: &str) {
         self.flush_run();
-        self.commit(w);
+        self.commit(w.as_bytes());
     }
 
+    #[inline]
     fn flush_run(&mut self) {
-        if self.run.is_empty() {
-            return;
+        if !self.run.is_empty() {
+            self.flush_run_slow();
         }
+    }
+
+    fn flush_run_slow(&mut self) {
         let run = std::mem::take(&mut self.run);
         if run.len() >= 3 {
             // "m m m" joins to "mmm", itself a filler.
             if !is_filler(&run) {
-                self.commit(&run);
+                self.commit(run.as_bytes());
             }
         } else {
-            for i in 0..run.len() {
-                self.commit(&run[i..i + 1]);
+            // One or two: "i", "a" (common enough to skip the lookup).
+            for &b in run.as_bytes() {
+                if self.needs_space() {
+                    self.out.push(b' ');
+                }
+                let s = self.out.len();
+                self.out.push(b);
+                let lex = self.vocab.letter_lex(b);
+                self.committed(s, hash_short(1, u64::from(b)), lex);
             }
         }
         let mut run = run;
@@ -870,20 +948,22 @@ impl Emitter<'_> {
         self.run = run;
     }
 
-    fn commit(&mut self, w: &str) {
+    fn commit(&mut self, w: &[u8]) {
         if self.needs_space() {
             self.out.push(b' ');
         }
         let s = self.out.len();
-        self.out.extend_from_slice(w.as_bytes());
-        let h = hash(w.as_bytes());
-        let lex = self.vocab.lex(w.as_bytes(), h);
+        self.out.extend_from_slice(w);
+        let h = hash(w);
+        let lex = self.vocab.lex(w, h);
         self.committed(s, h, lex);
     }
 
     /// The word at `out[s..]` (hash `h`, lexicon entry `lex`) is written:
     /// repairs it and runs the steps that look back at earlier words.
-    #[inline]
+    /// Inlined into the plain-word path: it runs for every word, and a
+    /// call there costs more than its own work.
+    #[inline(always)]
     fn committed(&mut self, s: usize, mut h: u64, mut lex: Lex) {
         if lex.flags & TYPO != 0 {
             self.repair_last(s, &mut h, &mut lex);
@@ -893,10 +973,10 @@ impl Emitter<'_> {
         // pair before) and no half of a split target (flags): then none of
         // the look-back steps can change anything.
         let maybe = l >= 1 && {
-            let prev = self.hist(l - 1);
+            let prev = self.back(0);
             prev.hash == h
                 || (prev.lex.flags & LEFT != 0 && lex.flags & RIGHT != 0)
-                || (l >= 3 && self.hist(l - 2).hash == h)
+                || (l >= 3 && self.back(1).hash == h)
         };
         self.push_hist(Tok {
             s,
@@ -925,10 +1005,11 @@ impl Emitter<'_> {
         *lex = self.vocab.lex(t.as_bytes(), *h);
     }
 
-    /// The `k`-th token of the history, oldest first.
+    /// The token `j` places before the newest (`back(0)` is the newest);
+    /// `j` below `hist_len`.
     #[inline]
-    fn hist(&self, k: usize) -> &Tok {
-        &self.hist[(self.head + k) % HIST]
+    fn back(&self, j: usize) -> &Tok {
+        &self.hist[self.top.wrapping_sub(j) % HIST]
     }
 
     #[inline]
@@ -940,32 +1021,35 @@ impl Emitter<'_> {
                 code: code_of(t.lex),
             });
         }
-        if self.hist_len == HIST {
-            self.head = (self.head + 1) % HIST;
-            self.hist_len -= 1;
-        }
-        self.hist[(self.head + self.hist_len) % HIST] = t;
-        self.hist_len += 1;
+        // A full ring overwrites its oldest token.
+        self.top = self.top.wrapping_add(1);
+        self.hist[self.top % HIST] = t;
+        self.hist_len = (self.hist_len + 1).min(HIST);
     }
 
     /// Token equality: the hashes turn nearly every pair away.
     #[inline]
     fn same_token(&self, i: usize, j: usize) -> bool {
-        let (x, y) = (self.hist(i), self.hist(j));
+        let (x, y) = (self.back(i), self.back(j));
         x.hash == y.hash && self.out[x.s..x.e] == self.out[y.s..y.e]
     }
 
-    /// Drops the last token(s) from the output.
+    /// Drops the last `n` tokens (at most `hist_len`) from the output.
     fn pop(&mut self, n: usize) {
         if let Some(words) = &mut self.words {
             words.truncate(words.len().saturating_sub(n));
         }
         self.hist_len -= n;
+        self.top = self.top.wrapping_sub(n);
         let end = if self.hist_len == 0 {
-            // Back to where this call began, minus the separator it added.
-            self.hist(0).s.saturating_sub(1).max(self.base)
+            // Back to where this call began, minus the separator it added:
+            // the oldest token dropped is the one after the new top.
+            self.hist[self.top.wrapping_add(1) % HIST]
+                .s
+                .saturating_sub(1)
+                .max(self.base)
         } else {
-            self.hist(self.hist_len - 1).e
+            self.back(0).e
         };
         self.out.truncate(end);
     }
@@ -977,7 +1061,7 @@ impl Emitter<'_> {
         if self.hist_len < 2 {
             return false;
         }
-        let (a, b) = (*self.hist(self.hist_len - 2), *self.hist(self.hist_len - 1));
+        let (a, b) = (*self.back(1), *self.back(0));
         // Only a beginning and an end of a target can make one.
         if a.lex.flags & LEFT == 0 || b.lex.flags & RIGHT == 0 {
             return false;
@@ -996,11 +1080,11 @@ impl Emitter<'_> {
         // Remove the space between the two words.
         self.out.remove(b.s - 1);
         self.hist_len -= 1;
+        self.top = self.top.wrapping_sub(1);
         let e = b.e - 1;
         let h = hash(&self.out[a.s..e]);
         let lex = self.vocab.lex(&self.out[a.s..e], h);
-        let k = (self.head + self.hist_len - 1) % HIST;
-        self.hist[k] = Tok {
+        self.hist[self.top % HIST] = Tok {
             s: a.s,
             e,
             hash: h,
@@ -1025,8 +1109,8 @@ impl Emitter<'_> {
     fn collapse_repeat(&mut self, n: usize) -> bool {
         let l = self.hist_len;
         let repeated = match n {
-            1 => l >= 2 && self.same_token(l - 1, l - 2),
-            2 => l >= 4 && self.same_token(l - 1, l - 3) && self.same_token(l - 2, l - 4),
+            1 => l >= 2 && self.same_token(0, 1),
+            2 => l >= 4 && self.same_token(0, 2) && self.same_token(1, 3),
             _ => false,
         };
         if repeated {
@@ -1039,7 +1123,10 @@ impl Emitter<'_> {
 /// Turns a raw word of `[a-z0-9@$!|]` into `[a-z0-9]`: symbols at the edges
 /// go, and inside a word that has letters, digits and symbols that stand for
 /// letters become those letters unless the word is a number with a unit.
-fn clean_word(tok: &mut String) {
+/// `scratch` is where a rewritten word is built; it is swapped with `tok`,
+/// so neither buffer is given up (a token path that allocated per token
+/// spent more on the allocator than on the tokens).
+fn clean_word(tok: &mut String, scratch: &mut String) {
     if tok.bytes().all(|b| b.is_ascii_lowercase()) {
         return;
     }
@@ -1059,11 +1146,13 @@ fn clean_word(tok: &mut String) {
     let has_other = bytes.iter().any(|b| !b.is_ascii_lowercase());
     if !has_other {
         if start > 0 || end < tok.len() {
-            *tok = tok[start..end].to_string();
+            tok.truncate(end);
+            tok.drain(..start);
         }
         return;
     }
-    let mut cleaned = String::with_capacity(bytes.len());
+    let cleaned = scratch;
+    cleaned.clear();
     if !has_letter || is_number_with_unit(bytes) {
         cleaned.extend(bytes.iter().filter(|b| !is_sym(**b)).map(|&b| b as char));
     } else {
@@ -1081,7 +1170,7 @@ fn clean_word(tok: &mut String) {
             cleaned.push(c);
         }
     }
-    *tok = cleaned;
+    std::mem::swap(tok, cleaned);
 }
 
 fn is_number_with_unit(bytes: &[u8]) -> bool {

@@ -1,4 +1,4 @@
-//! A fixed table from the words the rules use to their codes in the
+//! A fixed table from the words the rules use to their ids in the
 //! automaton, looked up once for every word of every text.
 //!
 //! Why not a `HashMap<Box<str>, _>`: normalized words are short, and the
@@ -31,10 +31,10 @@ impl<V: Default> Default for Slot<V> {
     }
 }
 
-/// Word → a small value: the automaton's two-byte code in the matcher, the
+/// Word → a small value: the automaton's word id in the matcher, the
 /// normalizer's word flags in its lexicon. Built once; read-only afterwards.
 #[derive(Debug, Clone, Default)]
-pub struct WordTable<V = [u8; 2]> {
+pub struct WordTable<V = u16> {
     slots: Vec<Slot<V>>,
     keys: Vec<u8>,
     len: usize,
@@ -81,6 +81,14 @@ pub fn hash_short(len: usize, chunk: u64) -> u64 {
     h ^ (h >> 29)
 }
 
+/// `hash` of a word of 9 to 16 bytes given as two `u64`s (little-endian,
+/// the second zero-padded).
+#[inline]
+pub fn hash_pair(len: usize, first: u64, second: u64) -> u64 {
+    let h = step(step(len as u64, first), second);
+    h ^ (h >> 29)
+}
+
 /// Byte equality without a call into `memcmp`, which costs more than the
 /// comparison itself for keys this short.
 #[inline]
@@ -116,7 +124,9 @@ impl<V: Copy + Default> WordTable<V> {
     }
 
     /// The slot holding `w`, or the empty slot where it would go.
-    #[inline]
+    /// Always inlined, as `get_hashed`: every word of every text is looked
+    /// up, and a call costs about as much as the lookup.
+    #[inline(always)]
     fn find(&self, w: &[u8], h: u64) -> usize {
         let mask = self.slots.len() - 1;
         // The high bits are the best mixed.
@@ -140,7 +150,7 @@ impl<V: Copy + Default> WordTable<V> {
     }
 
     /// Like `get`, with `h == hash(w)` already known.
-    #[inline]
+    #[inline(always)]
     pub fn get_hashed(&self, w: &[u8], h: u64) -> Option<V> {
         let s = &self.slots[self.find(w, h)];
         (s.len != EMPTY).then_some(s.code)
@@ -241,6 +251,27 @@ mod tests {
             b[..w.len()].copy_from_slice(w.as_bytes());
             assert_eq!(
                 hash_short(w.len(), u64::from_le_bytes(b)),
+                hash(w.as_bytes()),
+                "{w}"
+            );
+        }
+    }
+
+    #[test]
+    fn hash_pair_is_hash() {
+        for w in [
+            "abcdefghi",
+            "suicidality",
+            "abcdefghijklmnop",
+            "hopelessness",
+        ] {
+            let mut b = [0u8; 16];
+            b[..w.len()].copy_from_slice(w.as_bytes());
+            let (mut x0, mut x1) = ([0u8; 8], [0u8; 8]);
+            x0.copy_from_slice(&b[..8]);
+            x1.copy_from_slice(&b[8..]);
+            assert_eq!(
+                hash_pair(w.len(), u64::from_le_bytes(x0), u64::from_le_bytes(x1)),
                 hash(w.as_bytes()),
                 "{w}"
             );
