@@ -53,9 +53,10 @@ const POLL: Duration = Duration::from_millis(250);
 /// Pages taken per round.
 const BATCH: u32 = 64;
 /// Re-paging and the outbox gauges run at most this often, however often
-/// pages wake the pager: the re-page query looks at every open escalation,
-/// and on every page's commit (200 a second under load) it kept the store's
-/// writer busy all the time. Acknowledgement timeouts are minutes.
+/// pages wake the pager: the re-page query looks at every open escalation
+/// and is a write through the store's one writer, and on every page's
+/// commit it ran 200 times a second under load. Acknowledgement timeouts
+/// are minutes.
 const UPKEEP: Duration = Duration::from_secs(1);
 /// Pages in flight at once: one slow provider answer must not hold up the
 /// pages behind it.
