@@ -638,53 +638,75 @@ async fn write_loop(
     directives: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let mut batch = Vec::with_capacity(GROUP);
+    let mut rest = Vec::with_capacity(GROUP);
     while rx.recv_many(&mut batch, GROUP).await > 0 {
-        let paged = batch.iter().any(|j| match j {
-            Job::Escalate { .. } | Job::Message { write: Some(_), .. } => true,
-            Job::Appointment { record, .. } => record.write.is_some(),
-            _ => false,
-        });
-        let directed = batch
-            .iter()
-            .any(|j| matches!(j, Job::Appointment { record, .. } if record.directive.is_some()));
-        let mut done = Vec::with_capacity(batch.len());
-        metrics::histogram!("crisisd_store_group_writes").record(batch.len() as f64);
-        let started = std::time::Instant::now();
-        let result = commit_group(&pool, &mut head, batch.drain(..), &mut done).await;
-        // From BEGIN to a durable COMMIT: what every write in the group
-        // waited for, the fsync included.
-        metrics::histogram!("crisisd_store_commit_seconds").record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(new_head) => {
-                head = new_head;
-                for d in done {
-                    d.send();
-                }
-                if paged {
-                    pages.notify_one();
-                }
-                if directed {
-                    directives.send_modify(|n| *n = n.wrapping_add(1));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, writes = done.len(), "committing a group of writes failed");
-                let message = e.to_string();
-                for d in done {
-                    d.fail("commit", &message);
-                }
-                // After a failed COMMIT (a full disk), SQLite may have rolled
-                // the transaction back while sqlx still counts it open: the
-                // next group would then run in a savepoint of a transaction
-                // nobody commits, answered as written and lost. A new
-                // connection starts with no transaction at all.
-                if let Ok(conn) = pool.acquire().await {
-                    let _ = conn.close().await;
-                }
-            }
+        // What a patient's referral or a text's verdict waits for commits
+        // first, in a group of its own: under load a group also holds calls'
+        // audit rows, Tier 3 records and page deliveries, and each of their
+        // statements is a round trip the escalation would wait out.
+        if batch.iter().any(Job::urgent) {
+            rest.extend(batch.extract_if(.., |j| !j.urgent()));
+        }
+        commit_batch(&pool, &mut head, &mut batch, &pages, &directives).await;
+        if !rest.is_empty() {
+            commit_batch(&pool, &mut head, &mut rest, &pages, &directives).await;
         }
     }
     pool.close().await;
+}
+
+/// Commits `batch` (leaving it empty) as one group and answers each write.
+async fn commit_batch(
+    pool: &SqlitePool,
+    head: &mut Head,
+    batch: &mut Vec<Job>,
+    pages: &Notify,
+    directives: &tokio::sync::watch::Sender<u64>,
+) {
+    let paged = batch.iter().any(|j| match j {
+        Job::Escalate { .. } | Job::Message { write: Some(_), .. } => true,
+        Job::Appointment { record, .. } => record.write.is_some(),
+        _ => false,
+    });
+    let directed = batch
+        .iter()
+        .any(|j| matches!(j, Job::Appointment { record, .. } if record.directive.is_some()));
+    let mut done = Vec::with_capacity(batch.len());
+    metrics::histogram!("crisisd_store_group_writes").record(batch.len() as f64);
+    let started = std::time::Instant::now();
+    let result = commit_group(pool, head, batch.drain(..), &mut done).await;
+    // From BEGIN to a durable COMMIT: what every write in the group waited
+    // for, the fsync included.
+    metrics::histogram!("crisisd_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(new_head) => {
+            *head = new_head;
+            for d in done {
+                d.send();
+            }
+            if paged {
+                pages.notify_one();
+            }
+            if directed {
+                directives.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, writes = done.len(), "committing a group of writes failed");
+            let message = e.to_string();
+            for d in done {
+                d.fail("commit", &message);
+            }
+            // After a failed COMMIT (a full disk), SQLite may have rolled the
+            // transaction back while sqlx still counts it open: the next
+            // group would then run in a savepoint of a transaction nobody
+            // commits, answered as written and lost. A new connection starts
+            // with no transaction at all.
+            if let Ok(conn) = pool.acquire().await {
+                let _ = conn.close().await;
+            }
+        }
+    }
 }
 
 async fn commit_group(
@@ -767,6 +789,16 @@ fn abandon(done: &mut Vec<Done>, rest: impl Iterator<Item = Job>, e: StoreError)
 }
 
 impl Job {
+    /// Whether someone waits on this write to reach a patient or a
+    /// gateway: an escalation (its referral), a text (its verdict), an
+    /// appointment event (its acknowledgement, perhaps a referral).
+    fn urgent(&self) -> bool {
+        matches!(
+            self,
+            Job::Escalate { .. } | Job::Message { .. } | Job::Appointment { .. }
+        )
+    }
+
     /// Whether this job can fail while the database is well (a constraint,
     /// a corrupt row, a decision it refuses): such a job runs in a
     /// savepoint of its own.
@@ -1200,7 +1232,12 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
 
 /// Inserts the group's chained rows and moves the head row to the last.
 async fn insert_audit(tx: &mut Transaction<'_, Sqlite>, head: &Head) -> Result<(), StoreError> {
-    for rows in head.pending.chunks(AUDIT_ROWS_PER_INSERT) {
+    let Some(last) = head.pending.last() else {
+        return Ok(());
+    };
+    let chunks = head.pending.chunks(AUDIT_ROWS_PER_INSERT);
+    let n = chunks.len();
+    for (i, rows) in chunks.enumerate() {
         let mut insert = sqlx::QueryBuilder::<Sqlite>::new(
             "INSERT INTO audit (seq, at_ms, actor, request_id, action, subject, detail, prev_hash, hash) ",
         );
@@ -1215,6 +1252,14 @@ async fn insert_audit(tx: &mut Transaction<'_, Sqlite>, head: &Head) -> Result<(
                 .push_bind(&row.prev_hash)
                 .push_bind(&row.hash);
         });
+        if i + 1 == n {
+            // The head row with the last rows, in the same round trip.
+            insert.push("; UPDATE audit_head SET seq = ");
+            insert.push_bind(last.seq);
+            insert.push(", hash = ");
+            insert.push_bind(&last.hash);
+            insert.push(" WHERE one = 1");
+        }
         // Not cached: its text varies with the number of rows, and a
         // cached statement per count would push out the ones that repeat.
         insert
@@ -1223,14 +1268,6 @@ async fn insert_audit(tx: &mut Transaction<'_, Sqlite>, head: &Head) -> Result<(
             .execute(&mut **tx)
             .await
             .map_err(db("appending to the audit log"))?;
-    }
-    if let Some(last) = head.pending.last() {
-        sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE one = 1")
-            .bind(last.seq)
-            .bind(&last.hash)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("moving the audit head"))?;
     }
     Ok(())
 }
@@ -1379,10 +1416,14 @@ async fn record_appointment(
 async fn record_call(tx: &mut Transaction<'_, Sqlite>, c: &CallContact) -> Result<(), StoreError> {
     const OP: &str = "recording a call";
     let (practice, patient) = (c.practice.as_str(), c.patient.expose());
+    // The call and the pruning in one statement text: one round trip.
     sqlx::query(
         "INSERT INTO calls (practice_id, call_id, patient_id, started_at_ms, language, review)
          VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (practice_id, call_id) DO UPDATE SET review = MAX(review, excluded.review)",
+         ON CONFLICT (practice_id, call_id) DO UPDATE SET review = MAX(review, excluded.review);
+         DELETE FROM calls WHERE practice_id = ? AND patient_id = ? AND call_id NOT IN (
+             SELECT call_id FROM calls WHERE practice_id = ? AND patient_id = ?
+             ORDER BY started_at_ms DESC LIMIT ?)",
     )
     .bind(practice)
     .bind(c.call.as_str())
@@ -1390,14 +1431,6 @@ async fn record_call(tx: &mut Transaction<'_, Sqlite>, c: &CallContact) -> Resul
     .bind(c.started_at_ms)
     .bind(&c.language)
     .bind(i64::from(c.review))
-    .execute(&mut **tx)
-    .await
-    .map_err(db(OP))?;
-    sqlx::query(
-        "DELETE FROM calls WHERE practice_id = ? AND patient_id = ? AND call_id NOT IN (
-             SELECT call_id FROM calls WHERE practice_id = ? AND patient_id = ?
-             ORDER BY started_at_ms DESC LIMIT ?)",
-    )
     .bind(practice)
     .bind(patient)
     .bind(practice)
@@ -1511,10 +1544,14 @@ async fn write_escalation(
 
 async fn create(tx: &mut Transaction<'_, Sqlite>, e: &Escalation) -> Result<Escalated, StoreError> {
     let now = now_ms();
+    // Both rows in one statement text: one round trip to SQLite's thread
+    // (sqlx runs a text's statements there in turn, the values in order).
     sqlx::query(
         "INSERT INTO escalations (id, practice_id, patient_id, conversation_id, channel, tier,
              rule_id, reason_code, severity, state, utterance_id, created_at_ms, updated_at_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+         INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
+         VALUES (?, ?, ?, ?, ?)",
     )
     .bind(e.id.to_string())
     .bind(e.practice.as_str())
@@ -1529,13 +1566,6 @@ async fn create(tx: &mut Transaction<'_, Sqlite>, e: &Escalation) -> Result<Esca
     .bind(&e.utterance_id)
     .bind(e.created_at_ms)
     .bind(now)
-    .execute(&mut **tx)
-    .await
-    .map_err(db("recording an escalation"))?;
-    sqlx::query(
-        "INSERT INTO outbox (escalation_id, severity, practice_id, created_at_ms, next_attempt_at_ms)
-         VALUES (?, ?, ?, ?, ?)",
-    )
     .bind(e.id.to_string())
     .bind(e.severity.code())
     .bind(e.practice.as_str())
@@ -1543,7 +1573,7 @@ async fn create(tx: &mut Transaction<'_, Sqlite>, e: &Escalation) -> Result<Esca
     .bind(now)
     .execute(&mut **tx)
     .await
-    .map_err(db("queueing a page"))?;
+    .map_err(db("recording an escalation and its page"))?;
     Ok(Escalated::Created(Open {
         id: e.id,
         severity: e.severity,
