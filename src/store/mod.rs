@@ -28,6 +28,13 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The SQLite writer failed; as `Db`, the operation, not the data.
+    #[error("store {op}: {source}")]
+    Sqlite {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("store {op}: {message}")]
     Corrupt { op: &'static str, message: String },
     #[error("opening the store at {path}: {message}")]
