@@ -113,16 +113,6 @@ pub(super) enum Job {
 }
 
 impl Job {
-    /// Whether someone waits on this write to reach a patient or a
-    /// gateway: an escalation (its referral), a text (its verdict), an
-    /// appointment event (its acknowledgement, perhaps a referral).
-    fn urgent(&self) -> bool {
-        matches!(
-            self,
-            Job::Escalate { .. } | Job::Message { .. } | Job::Appointment { .. }
-        )
-    }
-
     /// Whether this job can fail while the database is well (a constraint,
     /// a corrupt row, a decision it refuses): such a job runs in a
     /// savepoint of its own.
@@ -305,7 +295,6 @@ impl Writer {
     /// and is empty. Blocks: it runs on a thread of its own.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Job>, signals: &Signals) {
         let mut batch = Vec::with_capacity(GROUP);
-        let mut rest = Vec::with_capacity(GROUP);
         while let Some(job) = rx.blocking_recv() {
             batch.push(job);
             while batch.len() < GROUP {
@@ -314,17 +303,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // What a patient's referral or a text's verdict waits for
-            // commits first, in a group of its own, ahead of calls' audit
-            // rows, Tier 3 records and page deliveries. Writes in one queue
-            // were concurrent requests: any order is a valid one.
-            if batch.iter().any(Job::urgent) {
-                rest.extend(batch.extract_if(.., |j| !j.urgent()));
-            }
             self.commit_batch(&mut batch, signals);
-            if !rest.is_empty() {
-                self.commit_batch(&mut rest, signals);
-            }
         }
         if let Err((_, e)) = self.conn.close() {
             tracing::warn!(error = %e, "closing the store's write connection failed");
@@ -953,23 +932,9 @@ fn record_appointment(
     }
     // Bounded per patient: nothing older than the longest window is read,
     // and never more events than that window could need.
-    conn.prepare_cached(
-        "DELETE FROM appointment_events WHERE practice_id = ? AND patient_id = ?
-           AND (occurred_at_ms < ? OR event_id NOT IN (
-               SELECT event_id FROM appointment_events WHERE practice_id = ? AND patient_id = ?
-               ORDER BY occurred_at_ms DESC, event_id DESC LIMIT ?))",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            practice,
-            patient,
-            rec.prune_events_before_ms,
-            practice,
-            patient,
-            i64::from(rec.max_events)
-        ])
-    })
-    .map_err(db("pruning appointment events"))?;
+    conn.prepare_cached(&prune_events(rec.max_events))
+        .and_then(|mut s| s.execute(params![practice, patient, rec.prune_events_before_ms]))
+        .map_err(db("pruning appointment events"))?;
     conn.prepare_cached(
         "DELETE FROM behavior_firings WHERE practice_id = ? AND patient_id = ? AND anchor_at_ms < ?",
     )
@@ -1001,22 +966,33 @@ fn record_call(conn: &Connection, c: &CallContact) -> Result<(), StoreError> {
         ])
     })
     .map_err(db(OP))?;
-    conn.prepare_cached(
-        "DELETE FROM calls WHERE practice_id = ? AND patient_id = ? AND call_id NOT IN (
-             SELECT call_id FROM calls WHERE practice_id = ? AND patient_id = ?
-             ORDER BY started_at_ms DESC LIMIT ?)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            practice,
-            patient,
-            practice,
-            patient,
-            CALLS_PER_PATIENT
-        ])
-    })
-    .map_err(db(OP))?;
+    conn.prepare_cached(&PRUNE_CALLS)
+        .and_then(|mut s| s.execute(params![practice, patient]))
+        .map_err(db(OP))?;
     Ok(())
+}
+
+/// The calls kept per patient, the limit written into the text: SQLite
+/// prepares a statement again on every run when its `IN (SELECT .. LIMIT
+/// ?)` takes the limit as a parameter (`SQLITE_STMTSTATUS_REPREPARE`
+/// counts one a run), and that was 8% of the server's time in closed loop.
+static PRUNE_CALLS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "DELETE FROM calls WHERE practice_id = ?1 AND patient_id = ?2 AND call_id NOT IN (
+             SELECT call_id FROM calls WHERE practice_id = ?1 AND patient_id = ?2
+             ORDER BY started_at_ms DESC LIMIT {CALLS_PER_PATIENT})"
+    )
+});
+
+/// The appointment events kept per patient; the limit in the text, as in
+/// [`PRUNE_CALLS`] (it comes from the rules, the same for every event).
+fn prune_events(max_events: u32) -> String {
+    format!(
+        "DELETE FROM appointment_events WHERE practice_id = ?1 AND patient_id = ?2
+           AND (occurred_at_ms < ?3 OR event_id NOT IN (
+               SELECT event_id FROM appointment_events WHERE practice_id = ?1 AND patient_id = ?2
+               ORDER BY occurred_at_ms DESC, event_id DESC LIMIT {max_events}))"
+    )
 }
 
 /// The patient's most recent escalation still open or acknowledged and
@@ -1146,4 +1122,37 @@ fn raise(conn: &Connection, id: EscalationId, severity: Severity) -> Result<Esca
     };
     queue_page(conn, &key, severity, &practice, now)?;
     Ok(Escalated::Raised(open))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of each pruning statement must not prepare it again: that
+    /// is the cost their limits were written into the text to avoid.
+    #[test]
+    fn the_pruning_statements_are_prepared_once() {
+        let conn = Connection::open_in_memory().expect("an in-memory database");
+        for step in super::super::MIGRATIONS {
+            conn.execute_batch(step).expect("a migration step");
+        }
+        for i in 0..3 {
+            let patient = format!("p{i}");
+            conn.prepare_cached(&PRUNE_CALLS)
+                .and_then(|mut s| s.execute(params!["practice", patient]))
+                .expect("pruning calls");
+            conn.prepare_cached(&prune_events(40))
+                .and_then(|mut s| s.execute(params!["practice", patient, 0]))
+                .expect("pruning events");
+        }
+        for sql in [PRUNE_CALLS.clone(), prune_events(40)] {
+            let s = conn.prepare_cached(&sql).expect("cached");
+            assert_eq!(s.get_status(rusqlite::StatementStatus::Run), 3, "{sql}");
+            assert_eq!(
+                s.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "prepared again on a run: {sql}"
+            );
+        }
+    }
 }
