@@ -57,6 +57,20 @@ pub struct MessageVerdict {
     pub directive: Option<Directive>,
 }
 
+impl MessageVerdict {
+    /// The directive as both stores keep it: JSON text, or none.
+    pub(crate) fn directive_json(&self, op: &'static str) -> Result<Option<String>, StoreError> {
+        self.directive
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt {
+                op,
+                message: e.to_string(),
+            })
+    }
+}
+
 /// What to do about an escalation alongside recording a message or an
 /// utterance.
 #[derive(Debug, Clone)]

@@ -704,12 +704,7 @@ impl Store for PgStore {
             Some(w) => Some(write_escalation(&mut tx, w, &mut audit, Some(&mut verdict)).await?),
             None => None,
         };
-        let directive = verdict
-            .directive
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| corrupt(OP, e.to_string()))?;
+        let directive = verdict.directive_json(OP)?;
         sqlx::query("UPDATE messages SET escalation_id = $1, directive = $2 WHERE message_id = $3")
             .bind(verdict.escalation_id.map(|e| e.to_string()))
             .bind(directive)

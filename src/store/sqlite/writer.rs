@@ -622,12 +622,7 @@ fn record_message(
         Some(write) => Some(write_escalation(conn, write, audit, Some(verdict))?),
         None => None,
     };
-    let directive = verdict
-        .directive
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| corrupt(OP, e.to_string()))?;
+    let directive = verdict.directive_json(OP)?;
     conn.prepare_cached(
         "INSERT INTO messages (message_id, escalation_id, directive, created_at_ms)
          VALUES (?, ?, ?, ?)",
