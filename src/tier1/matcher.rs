@@ -52,6 +52,8 @@ use crate::domain::Speaker;
 
 /// Joined forms shorter than this stay whole-word only.
 const MIN_JOINED_LEN: usize = 8;
+// `JoinedHeads` keys every joined form by its first eight bytes.
+const _: () = assert!(MIN_JOINED_LEN >= 8);
 /// Words of the patient's recent speech kept per conversation.
 const WINDOW_WORDS: usize = 16;
 /// Bytes of recent speech kept per conversation, whatever the word count.
@@ -201,13 +203,16 @@ impl<'a> Literals<'a> {
 /// Word ids fit in 16 bits.
 const MAX_WORDS: usize = 1 << 16;
 
-/// Bits for the four-byte beginnings of joined forms (see `joined_heads`).
+/// Bits for the eight-byte beginnings of joined forms (see `joined_heads`).
 #[derive(Debug, Clone)]
 struct JoinedHeads {
     bits: Vec<u64>,
 }
 
-const JOINED_HEAD_BITS: u32 = 14;
+/// 8 KiB of bits. Four-byte heads in 2^14 bits let a quarter of a long
+/// text's long words through to the joined automaton, of which one in a
+/// hundred held a joined form; eight bytes tell far more of them apart.
+const JOINED_HEAD_BITS: u32 = 16;
 
 impl Default for JoinedHeads {
     fn default() -> Self {
@@ -219,24 +224,26 @@ impl Default for JoinedHeads {
 
 impl JoinedHeads {
     #[inline]
-    fn bit(head: [u8; 4]) -> usize {
-        (u32::from_le_bytes(head).wrapping_mul(0x9E37_79B1) >> (32 - JOINED_HEAD_BITS)) as usize
+    fn bit(head: u64) -> usize {
+        (head.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - JOINED_HEAD_BITS)) as usize
     }
 
     fn insert(&mut self, joined: &[u8]) {
-        if let Some(head) = joined.first_chunk::<4>() {
-            let i = Self::bit(*head);
+        if let Some(head) = joined.first_chunk::<8>() {
+            let i = Self::bit(u64::from_le_bytes(*head));
             self.bits[i / 64] |= 1 << (i % 64);
         }
     }
 
-    /// Whether `word` may hold a joined form (of `MIN_JOINED_LEN` bytes or
-    /// more): never false when it does.
+    /// Whether `word` may hold a joined form (of `MIN_JOINED_LEN` = 8
+    /// bytes or more): never false when it does, as one of its eight-byte
+    /// windows is then that form's head.
     #[inline]
     fn may_hold(&self, word: &[u8]) -> bool {
-        let last = word.len().saturating_sub(MIN_JOINED_LEN);
-        word.windows(4).take(last + 1).any(|w| {
-            let i = Self::bit([w[0], w[1], w[2], w[3]]);
+        word.windows(8).any(|w| {
+            let mut head = [0u8; 8];
+            head.copy_from_slice(w);
+            let i = Self::bit(u64::from_le_bytes(head));
             self.bits[i / 64] & (1 << (i % 64)) != 0
         })
     }
@@ -1262,6 +1269,65 @@ mod tests {
         assert_eq!(w, sixteen);
         keep_tail(&mut w, &format!("extra {sixteen}"));
         assert_eq!(w, sixteen);
+    }
+
+    #[test]
+    fn joined_heads_pass_every_word_holding_a_joined_form() {
+        let m = shipped();
+        let mut n = 0;
+        // The joined forms `Matcher::new` builds: escalate rules without
+        // prefixes.
+        let joined = m
+            .rules
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Escalate && r.prefixes.is_empty())
+            .flat_map(|r| &r.patterns);
+        for p in joined {
+            let Some(j) = joined_form(p) else { continue };
+            for w in [
+                j.clone(),
+                format!("so{j}"),
+                format!("{j}ok"),
+                format!("x{j}yz"),
+            ] {
+                assert!(m.joined_heads.may_hold(w.as_bytes()), "{w}");
+            }
+            n += 1;
+        }
+        assert!(n > 100, "only {n} joined forms");
+        // And it is a filter: everyday long words rarely get through.
+        let everyday = [
+            "appointment",
+            "tomorrow",
+            "something",
+            "everything",
+            "therapist",
+            "relationship",
+            "unfortunately",
+            "prescription",
+            "insurance",
+            "yesterday",
+            "reschedule",
+            "afternoon",
+            "wednesday",
+            "thursday",
+            "wondering",
+            "completely",
+            "important",
+            "conversation",
+            "medication",
+            "overwhelmed",
+        ];
+        let through = everyday
+            .iter()
+            .filter(|w| m.joined_heads.may_hold(w.as_bytes()))
+            .count();
+        assert!(
+            through <= 2,
+            "{through} of {} everyday words",
+            everyday.len()
+        );
     }
 
     #[test]
