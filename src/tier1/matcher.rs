@@ -986,11 +986,10 @@ impl Excluded {
 /// Whether `n` whole words follow byte `end` of `bytes`. The match may end
 /// inside a word (joined forms): the rest of that word does not count.
 fn words_follow(bytes: &[u8], end: usize, n: usize) -> bool {
-    let rest = &bytes[end..];
-    let spaces = rest.iter().filter(|&&b| b == b' ').count();
     // Normalized text has single spaces and no trailing one, so each space
-    // starts a word.
-    spaces >= n
+    // starts a word. Counting stops at `n`: a long partial is not walked to
+    // its end for every match in it.
+    bytes[end..].iter().filter(|&&b| b == b' ').take(n).count() >= n
 }
 
 /// The joined form of a multi-word pattern, if long enough to be safe
