@@ -14,6 +14,8 @@
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::words::WordTable;
+
 use serde::Deserialize;
 
 /// The farthest a cue may stand from its phrase, in words.
@@ -54,53 +56,12 @@ pub struct ContextRule {
     after: Vec<Vec<String>>,
     skip: FxHashSet<String>,
     barriers: FxHashSet<String>,
-    /// Cues by the word they end or begin with: this runs on every match,
-    /// and a kind has a hundred cues or more once phrases are expanded, so
-    /// each word of context looks up the few cues it could belong to.
+    /// Cues by the word they end or begin with: a kind has a hundred cues
+    /// or more once phrases are expanded, so each word of context looks up
+    /// the few cues it could belong to.
     before_by_last: FxHashMap<String, Vec<usize>>,
     before_by_first: FxHashMap<String, Vec<usize>>,
     after_by_first: FxHashMap<String, Vec<usize>>,
-    /// For each set above, a filter that turns away most words that are
-    /// not in it before they are hashed and looked up: every word of a
-    /// match's surroundings is asked about, most of them more than once.
-    skip_filter: WordFilter,
-    barrier_filter: WordFilter,
-    before_last_filter: WordFilter,
-    before_first_filter: WordFilter,
-    after_first_filter: WordFilter,
-}
-
-/// A set of words as 256 bits, one per signature of a word's length and
-/// its first and last bytes: never says no to a word of the set.
-#[derive(Debug, Clone, Default)]
-struct WordFilter([u64; 4]);
-
-impl WordFilter {
-    fn of<'a>(words: impl IntoIterator<Item = &'a String>) -> Self {
-        let mut f = WordFilter::default();
-        for w in words {
-            let i = Self::signature(w);
-            f.0[i / 64] |= 1 << (i % 64);
-        }
-        f
-    }
-
-    #[inline]
-    fn signature(w: &str) -> usize {
-        let b = w.as_bytes();
-        let (first, last) = match (b.first(), b.last()) {
-            (Some(&f), Some(&l)) => (u32::from(f), u32::from(l)),
-            _ => (0, 0),
-        };
-        let x = ((b.len() as u32) << 16) | (first << 8) | last;
-        (x.wrapping_mul(0x9E37_79B1) >> 24) as usize
-    }
-
-    #[inline]
-    fn may_contain(&self, w: &str) -> bool {
-        let i = Self::signature(w);
-        self.0[i / 64] & (1 << (i % 64)) != 0
-    }
 }
 
 fn index(
@@ -135,11 +96,6 @@ impl ContextRule {
             kind,
             adjacent,
             reach,
-            skip_filter: WordFilter::of(&skip),
-            barrier_filter: WordFilter::of(&barriers),
-            before_last_filter: WordFilter::of(before_by_last.keys()),
-            before_first_filter: WordFilter::of(before_by_first.keys()),
-            after_first_filter: WordFilter::of(after_by_first.keys()),
             before_by_last,
             before_by_first,
             after_by_first,
@@ -151,7 +107,9 @@ impl ContextRule {
     }
 
     /// Whether this context holds, given the words before the match (in text
-    /// order) and after it.
+    /// order) and after it. The matcher runs the same test on word ids
+    /// (`ContextSet`); this form, on the words as written, is what the
+    /// compiled one is tested against.
     pub fn applies(&self, before: &[&str], after: &[&str]) -> bool {
         self.applies_before(before) || self.applies_after(after)
     }
@@ -165,17 +123,13 @@ impl ContextRule {
             let mut skipped = 0;
             while end > 0 {
                 let w = before[end - 1];
-                if self.before_last_filter.may_contain(w)
-                    && self.before_by_last.get(w).is_some_and(|cues| {
-                        cues.iter()
-                            .any(|&c| ends_with(&before[..end], &self.before[c]))
-                    })
-                {
+                if self.before_by_last.get(w).is_some_and(|cues| {
+                    cues.iter()
+                        .any(|&c| ends_with(&before[..end], &self.before[c]))
+                }) {
                     return true;
                 }
-                if skipped >= self.reach
-                    || !(self.skip_filter.may_contain(w) && self.skip.contains(w))
-                {
+                if skipped >= self.reach || !self.skip.contains(w) {
                     return false;
                 }
                 end -= 1;
@@ -189,12 +143,7 @@ impl ContextRule {
             .iter()
             .rposition(|w| self.is_barrier(w))
             .map_or(0, |i| i + 1);
-        contains(
-            &region[start..],
-            &self.before,
-            &self.before_by_first,
-            &self.before_first_filter,
-        )
+        contains(&region[start..], &self.before, &self.before_by_first)
     }
 
     fn applies_after(&self, after: &[&str]) -> bool {
@@ -206,17 +155,12 @@ impl ContextRule {
             .iter()
             .position(|w| self.is_barrier(w))
             .unwrap_or(region.len());
-        contains(
-            &region[..end],
-            &self.after,
-            &self.after_by_first,
-            &self.after_first_filter,
-        )
+        contains(&region[..end], &self.after, &self.after_by_first)
     }
 
     #[inline]
     fn is_barrier(&self, w: &str) -> bool {
-        self.barrier_filter.may_contain(w) && self.barriers.contains(w)
+        self.barriers.contains(w)
     }
 }
 
@@ -233,16 +177,243 @@ fn contains(
     words: &[&str],
     cues: &[Vec<String>],
     by_first: &FxHashMap<String, Vec<usize>>,
-    filter: &WordFilter,
 ) -> bool {
     (0..words.len()).any(|i| {
-        filter.may_contain(words[i])
-            && by_first.get(words[i]).is_some_and(|cs| {
-                cs.iter().any(|&c| {
-                    let cue = &cues[c];
-                    words.len() - i >= cue.len() && words[i..].iter().zip(cue).all(|(a, b)| *a == b)
-                })
+        by_first.get(words[i]).is_some_and(|cs| {
+            cs.iter().any(|&c| {
+                let cue = &cues[c];
+                words.len() - i >= cue.len() && words[i..].iter().zip(cue).all(|(a, b)| *a == b)
             })
+        })
+    })
+}
+
+/// The context rules of one language, compiled to word ids: each word
+/// around a match is looked up once, in one table, and every rule then
+/// compares ids. `ContextRule::applies` is the same test on strings, where
+/// each rule asks its own sets about every word again; this runs for every
+/// escalate match, and on a long text the string form was 8% of Tier 1.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ContextSet {
+    words: WordTable<u16>,
+    rules: Vec<Compiled>,
+    /// How many words before and after a match some rule can look at.
+    need_before: usize,
+    need_after: usize,
+}
+
+/// The id of a word that no cue, skip or barrier list of the language has.
+pub(crate) const OTHER: u16 = u16::MAX;
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    kind: ContextKind,
+    adjacent: bool,
+    reach: usize,
+    before: Vec<Vec<u16>>,
+    after: Vec<Vec<u16>>,
+    skip: IdSet,
+    barriers: IdSet,
+    /// Cue indices by the id of the word they end or begin with.
+    before_by_last: Vec<Vec<u32>>,
+    before_by_first: Vec<Vec<u32>>,
+    after_by_first: Vec<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn insert(&mut self, id: u16) {
+        let i = usize::from(id);
+        if self.0.len() <= i / 64 {
+            self.0.resize(i / 64 + 1, 0);
+        }
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    #[inline]
+    fn contains(&self, id: u16) -> bool {
+        let i = usize::from(id);
+        self.0.get(i / 64).is_some_and(|b| b & (1 << (i % 64)) != 0)
+    }
+}
+
+impl ContextSet {
+    /// `None` if the language has more context words than ids.
+    pub(crate) fn new(rules: &[ContextRule]) -> Option<ContextSet> {
+        let mut words: WordTable<u16> = WordTable::with_capacity(64);
+        let mut too_many = false;
+        let mut id = |w: &str| {
+            words.insert_with(w.as_bytes(), |n| {
+                u16::try_from(n)
+                    .ok()
+                    .filter(|&i| i != OTHER)
+                    .unwrap_or_else(|| {
+                        too_many = true;
+                        OTHER
+                    })
+            })
+        };
+        let mut compiled = Vec::with_capacity(rules.len());
+        let (mut need_before, mut need_after) = (0, 0);
+        for r in rules {
+            let cues = |cs: &[Vec<String>], id: &mut dyn FnMut(&str) -> u16| -> Vec<Vec<u16>> {
+                cs.iter()
+                    .map(|c| c.iter().map(|w| id(w)).collect())
+                    .collect()
+            };
+            let before = cues(&r.before, &mut id);
+            let after = cues(&r.after, &mut id);
+            let set = |ws: &FxHashSet<String>, id: &mut dyn FnMut(&str) -> u16| {
+                let mut s = IdSet::default();
+                for w in ws {
+                    s.insert(id(w));
+                }
+                s
+            };
+            let skip = set(&r.skip, &mut id);
+            let barriers = set(&r.barriers, &mut id);
+            let longest = before.iter().map(Vec::len).max().unwrap_or(0);
+            if !before.is_empty() {
+                need_before = need_before.max(if r.adjacent {
+                    r.reach + longest
+                } else {
+                    r.reach
+                });
+            }
+            if !after.is_empty() {
+                need_after = need_after.max(r.reach);
+            }
+            compiled.push(Compiled {
+                kind: r.kind,
+                adjacent: r.adjacent,
+                reach: r.reach,
+                before_by_last: by_id(&before, |c| c.last()),
+                before_by_first: by_id(&before, |c| c.first()),
+                after_by_first: by_id(&after, |c| c.first()),
+                before,
+                after,
+                skip,
+                barriers,
+            });
+        }
+        (!too_many).then_some(ContextSet {
+            words,
+            rules: compiled,
+            need_before,
+            need_after,
+        })
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// How many words before a match, and after it, `kind_of` can use.
+    pub(crate) fn reach(&self) -> (usize, usize) {
+        (self.need_before, self.need_after)
+    }
+
+    /// The id of a word of normalized text.
+    #[inline]
+    pub(crate) fn id(&self, w: &[u8]) -> u16 {
+        self.words.get(w).unwrap_or(OTHER)
+    }
+
+    /// The first rule's kind that holds for the words before the match (in
+    /// text order) and after it, as ids: what `ContextRule::applies` on the
+    /// same words, rule by rule, finds first.
+    pub(crate) fn kind_of(&self, before: &[u16], after: &[u16]) -> Option<ContextKind> {
+        self.rules
+            .iter()
+            .find(|c| c.applies_before(before) || c.applies_after(after))
+            .map(|c| c.kind)
+    }
+
+    /// Which of the rules hold, in order: what the tests compare.
+    #[cfg(test)]
+    fn each(&self, before: &[u16], after: &[u16]) -> Vec<bool> {
+        self.rules
+            .iter()
+            .map(|c| c.applies_before(before) || c.applies_after(after))
+            .collect()
+    }
+}
+
+fn by_id(cues: &[Vec<u16>], key: impl Fn(&[u16]) -> Option<&u16>) -> Vec<Vec<u32>> {
+    let mut m: Vec<Vec<u32>> = Vec::new();
+    for (i, c) in cues.iter().enumerate() {
+        if let Some(&w) = key(c) {
+            let w = usize::from(w);
+            if m.len() <= w {
+                m.resize(w + 1, Vec::new());
+            }
+            // Cue lists are far below 4 billion entries.
+            m[w].push(i as u32);
+        }
+    }
+    m
+}
+
+impl Compiled {
+    fn applies_before(&self, before: &[u16]) -> bool {
+        if self.before.is_empty() {
+            return false;
+        }
+        if self.adjacent {
+            let mut end = before.len();
+            let mut skipped = 0;
+            while end > 0 {
+                let w = before[end - 1];
+                if self.before_by_last.get(usize::from(w)).is_some_and(|cues| {
+                    cues.iter()
+                        .any(|&c| ends_with_ids(&before[..end], &self.before[c as usize]))
+                }) {
+                    return true;
+                }
+                if skipped >= self.reach || !self.skip.contains(w) {
+                    return false;
+                }
+                end -= 1;
+                skipped += 1;
+            }
+            return false;
+        }
+        let lo = before.len().saturating_sub(self.reach);
+        let region = &before[lo..];
+        let start = region
+            .iter()
+            .rposition(|&w| self.barriers.contains(w))
+            .map_or(0, |i| i + 1);
+        contains_ids(&region[start..], &self.before, &self.before_by_first)
+    }
+
+    fn applies_after(&self, after: &[u16]) -> bool {
+        if self.after.is_empty() {
+            return false;
+        }
+        let region = &after[..after.len().min(self.reach)];
+        let end = region
+            .iter()
+            .position(|&w| self.barriers.contains(w))
+            .unwrap_or(region.len());
+        contains_ids(&region[..end], &self.after, &self.after_by_first)
+    }
+}
+
+fn ends_with_ids(words: &[u16], cue: &[u16]) -> bool {
+    words.len() >= cue.len() && words[words.len() - cue.len()..] == *cue
+}
+
+fn contains_ids(words: &[u16], cues: &[Vec<u16>], by_first: &[Vec<u32>]) -> bool {
+    (0..words.len()).any(|i| {
+        by_first.get(usize::from(words[i])).is_some_and(|cs| {
+            cs.iter().any(|&c| {
+                let cue = &cues[c as usize];
+                words.len() - i >= cue.len() && words[i..i + cue.len()] == **cue
+            })
+        })
     })
 }
 
@@ -267,38 +438,107 @@ mod tests {
         )
     }
 
-    #[test]
-    fn filter_holds_every_word_of_its_set() {
-        let words: Vec<String> = [
-            "not",
-            "never",
-            "dont",
-            "i",
-            "a",
-            "",
-            "when",
-            "was",
-            "my",
-            "brother",
-            "hes",
-            "theyre",
-            "neither",
-            "intentions",
-            "x",
-            "zz",
-            "no longer",
-        ]
-        .iter()
-        .map(|w| w.to_string())
-        .collect();
-        let f = WordFilter::of(&words);
-        for w in &words {
-            assert!(f.may_contain(w), "{w:?}");
+    /// The compiled form finds what the string form finds, rule by rule in
+    /// order, on the shipped rules, given only the words `reach` says it
+    /// needs of the sixteen the matcher once gave the string form.
+    mod compiled {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::sync::OnceLock;
+
+        /// Per language: its rules, compiled, and words to build context
+        /// from in four pools: whole cues, skip words, barriers, others.
+        type Shipped = Vec<(Vec<ContextRule>, ContextSet, [Vec<String>; 4])>;
+
+        fn shipped() -> &'static Shipped {
+            static S: OnceLock<Shipped> = OnceLock::new();
+            S.get_or_init(|| {
+                let rules = crate::tier1::RuleSet::builtin().expect("shipped rules load");
+                rules
+                    .context
+                    .values()
+                    .map(|rs| {
+                        let pool = |f: &dyn Fn(&ContextRule) -> Vec<String>| {
+                            let mut p: Vec<String> = rs.iter().flat_map(f).collect();
+                            p.sort();
+                            p.dedup();
+                            p
+                        };
+                        let cues = pool(&|r| {
+                            r.before
+                                .iter()
+                                .chain(&r.after)
+                                .map(|c| c.join(" "))
+                                .collect()
+                        });
+                        let skip = pool(&|r| r.skip.iter().cloned().collect());
+                        let barriers = pool(&|r| r.barriers.iter().cloned().collect());
+                        // Cue words alone, which begin or end cues without
+                        // making one, and words of no list.
+                        let mut others =
+                            pool(&|r| r.before.iter().chain(&r.after).flatten().cloned().collect());
+                        others.extend(["the", "pills", "x", "kill", "myself"].map(String::from));
+                        let set = ContextSet::new(rs).expect("ids suffice");
+                        (rs.clone(), set, [cues, skip, barriers, others])
+                    })
+                    .collect()
+            })
         }
-        // It turns words away, or it would save nothing.
-        let others = ["tuesday", "appointment", "pizza", "okay", "the", "session"];
-        assert!(others.iter().any(|w| !f.may_contain(w)));
-        assert!(!WordFilter::default().may_contain("not"));
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(6000))]
+            #[test]
+            fn same_as_the_string_form(
+                lang in 0usize..8,
+                b in prop::collection::vec((0usize..4, any::<prop::sample::Index>()), 0..=8),
+                a in prop::collection::vec((0usize..4, any::<prop::sample::Index>()), 0..=8),
+            ) {
+                let all = shipped();
+                let (rules, set, pools) = &all[lang % all.len()];
+                let words = |picks: &[(usize, prop::sample::Index)]| -> Vec<&str> {
+                    let mut w: Vec<&str> = picks
+                        .iter()
+                        .filter(|(p, _)| !pools[*p].is_empty())
+                        .flat_map(|(p, i)| pools[*p][i.index(pools[*p].len())].split(' '))
+                        .collect();
+                    w.truncate(16);
+                    w
+                };
+                let (before, after) = (words(&b), words(&a));
+                let (nb, na) = set.reach();
+                let ids = |ws: &[&str]| ws.iter().map(|w| set.id(w.as_bytes())).collect::<Vec<_>>();
+                let (b, a) = (
+                    ids(&before[before.len().saturating_sub(nb)..]),
+                    ids(&after[..after.len().min(na)]),
+                );
+                let want: Vec<bool> = rules.iter().map(|c| c.applies(&before, &after)).collect();
+                prop_assert_eq!(set.each(&b, &a), want, "{:?} / {:?}", before, after);
+                let first = rules.iter().find(|c| c.applies(&before, &after)).map(|c| c.kind);
+                prop_assert_eq!(set.kind_of(&b, &a), first);
+            }
+        }
+
+        #[test]
+        fn every_language_has_rules_and_reaches_within_the_window() {
+            for (rules, set, _) in shipped() {
+                assert!(!rules.is_empty() && !set.is_empty());
+                let (nb, na) = set.reach();
+                assert!(nb > 0 && nb <= 16 && na <= 16, "{nb} {na}");
+            }
+        }
+    }
+
+    /// Whether `r` holds, asserting that its compiled form agrees.
+    fn both(r: &ContextRule, before: &[&str], after: &[&str]) -> bool {
+        let set = ContextSet::new(std::slice::from_ref(r)).expect("ids suffice");
+        let ids = |ws: &[&str]| ws.iter().map(|w| set.id(w.as_bytes())).collect::<Vec<_>>();
+        let strings = r.applies(before, after);
+        assert_eq!(
+            set.kind_of(&ids(before), &ids(after)).is_some(),
+            strings,
+            "{before:?} / {after:?}"
+        );
+        strings
     }
 
     #[test]
@@ -316,7 +556,7 @@ mod tests {
         ];
         for (before, want) in cases {
             let words: Vec<&str> = before.split_whitespace().collect();
-            assert_eq!(r.applies(&words, &[]), *want, "{before:?}");
+            assert_eq!(both(&r, &words, &[]), *want, "{before:?}");
         }
     }
 
@@ -341,7 +581,7 @@ mod tests {
         for (before, after, want) in cases {
             let b: Vec<&str> = before.split_whitespace().collect();
             let a: Vec<&str> = after.split_whitespace().collect();
-            assert_eq!(r.applies(&b, &a), *want, "{before:?} / {after:?}");
+            assert_eq!(both(&r, &b, &a), *want, "{before:?} / {after:?}");
         }
     }
 }

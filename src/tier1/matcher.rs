@@ -44,7 +44,7 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use thiserror::Error;
 
 use super::automaton::{START, StateId, WordAutomaton};
-use super::context::{ContextKind, ContextRule};
+use super::context::{ContextKind, ContextSet, OTHER};
 use super::normalize::{Normalizer, Vocabulary, WordRef};
 use super::rules::{Action, Rule, RuleSet};
 use super::words::{WordTable, hash};
@@ -162,7 +162,7 @@ pub struct Matcher {
     /// it writes come with their codes.
     normalizer: Normalizer,
     /// Context rules per rule language, indexed like `languages`.
-    context: Vec<Vec<ContextRule>>,
+    context: Vec<ContextSet>,
     rule_language: Vec<u16>,
     /// Required prefixes per rule, if any.
     prefixes: Vec<Option<Prefixes>>,
@@ -446,8 +446,11 @@ impl Matcher {
         }
         let context = languages
             .iter()
-            .map(|l| rules.context.get(l).cloned().unwrap_or_default())
-            .collect();
+            .map(|l| {
+                ContextSet::new(rules.context.get(l).map_or(&[], Vec::as_slice))
+                    .ok_or_else(|| too_large("context words"))
+            })
+            .collect::<Result<_, _>>()?;
 
         let prefixes = rules
             .rules
@@ -888,18 +891,19 @@ impl Matcher {
     }
 
     fn context_of(&self, lang: u16, buf: &str, start: usize, end: usize) -> Option<ContextKind> {
-        let rules = &self.context[usize::from(lang)];
-        if rules.is_empty() {
+        let set = &self.context[usize::from(lang)];
+        if set.is_empty() {
             return None;
         }
         // Context reaches a few words at most; never split a long text
-        // whole, and keep the words on the stack: this runs for every match.
-        // (Byte loops: for words this short, `split` costs more.)
+        // whole, and keep the words' ids on the stack: this runs for every
+        // match. (Byte loops: for words this short, `split` costs more.)
+        let (need_before, need_after) = set.reach();
         let bytes = buf.as_bytes();
-        let mut before = [""; CONTEXT_WORDS];
+        let mut before = [OTHER; CONTEXT_WORDS];
         let mut nb = 0;
         let mut i = start;
-        while nb < CONTEXT_WORDS {
+        while nb < need_before.min(CONTEXT_WORDS) {
             while i > 0 && bytes[i - 1] == b' ' {
                 i -= 1;
             }
@@ -910,16 +914,15 @@ impl Matcher {
             while i > 0 && bytes[i - 1] != b' ' {
                 i -= 1;
             }
-            // Normalized text is ASCII: every byte offset is a boundary.
-            before[nb] = buf.get(i..e).unwrap_or_default();
+            before[nb] = set.id(&bytes[i..e]);
             nb += 1;
         }
         let before = &mut before[..nb];
         before.reverse();
-        let mut after = [""; CONTEXT_WORDS];
+        let mut after = [OTHER; CONTEXT_WORDS];
         let mut na = 0;
         let mut i = end;
-        while na < CONTEXT_WORDS {
+        while na < need_after.min(CONTEXT_WORDS) {
             while i < bytes.len() && bytes[i] == b' ' {
                 i += 1;
             }
@@ -930,14 +933,10 @@ impl Matcher {
             while i < bytes.len() && bytes[i] != b' ' {
                 i += 1;
             }
-            after[na] = buf.get(s..i).unwrap_or_default();
+            after[na] = set.id(&bytes[s..i]);
             na += 1;
         }
-        let (before, after) = (&*before, &after[..na]);
-        rules
-            .iter()
-            .find(|c| c.applies(before, after))
-            .map(|c| c.kind)
+        set.kind_of(before, &after[..na])
     }
 }
 
