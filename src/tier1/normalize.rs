@@ -454,8 +454,18 @@ impl Normalizer {
         if at < 2 || at > buf.len() || buf.as_bytes()[at - 1] != b' ' {
             return at;
         }
-        let left_start = buf[..at - 1].rfind(' ').map_or(0, |i| i + 1);
-        let right_end = buf[at..].find(' ').map_or(buf.len(), |i| at + i);
+        // Bytes, not `str` searches: this runs at every seam of a stream,
+        // on words of a few letters, where a `str` search costs more to set
+        // up than to run.
+        let bytes = buf.as_bytes();
+        let left_start = bytes[..at - 1]
+            .iter()
+            .rposition(|&b| b == b' ')
+            .map_or(0, |i| i + 1);
+        let right_end = bytes[at..]
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(bytes.len(), |i| at + i);
         if self.vocabulary.is_target_pair(
             &buf.as_bytes()[left_start..at - 1],
             &buf.as_bytes()[at..right_end],
