@@ -497,6 +497,13 @@ impl Normalizer {
         // stays UTF-8) and handed back as a `String` at the end.
         let mut bytes_out = std::mem::take(out).into_bytes();
         bytes_out.reserve(input.len() + 1);
+        let Scratch {
+            run,
+            tok,
+            plain,
+            apos,
+            cleaned,
+        } = SCRATCH.take();
         let mut em = Emitter {
             vocab: &self.vocabulary,
             words,
@@ -505,11 +512,11 @@ impl Normalizer {
             hist: [Tok::default(); HIST],
             top: HIST - 1,
             hist_len: 0,
-            run: String::new(),
-            tok: String::new(),
-            plain: Vec::new(),
-            apos: String::new(),
-            cleaned: String::new(),
+            run,
+            tok,
+            plain,
+            apos,
+            cleaned,
             last_colon: false,
             tok_after_colon: false,
         };
@@ -533,12 +540,67 @@ impl Normalizer {
         }
         em.end_token();
         em.flush_run();
+        SCRATCH.set(Scratch::kept(em.run, em.tok, em.plain, em.apos, em.cleaned));
         *out = match String::from_utf8(em.out) {
             Ok(s) => s,
             // Unreachable: only ASCII is written after valid UTF-8.
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
     }
+}
+
+/// The emitter's scratch buffers, kept between calls on each thread: a
+/// typical utterance's first single letter or cleaned word would
+/// otherwise allocate, and those allocations and frees were a tenth of
+/// its normalizing.
+#[derive(Default)]
+struct Scratch {
+    run: String,
+    tok: String,
+    plain: Vec<u8>,
+    apos: String,
+    cleaned: String,
+}
+
+/// Buffers grown past this by one odd text are given back, not kept.
+const SCRATCH_KEEP: usize = 4096;
+
+impl Scratch {
+    fn kept(run: String, tok: String, plain: Vec<u8>, apos: String, cleaned: String) -> Self {
+        let small = |c: usize| c <= SCRATCH_KEEP;
+        if [
+            run.capacity(),
+            tok.capacity(),
+            plain.capacity(),
+            apos.capacity(),
+            cleaned.capacity(),
+        ]
+        .into_iter()
+        .all(small)
+        {
+            // Cleared on the way in: every buffer is empty where a call
+            // begins, as a new one would be.
+            let clear = |mut s: String| {
+                s.clear();
+                s
+            };
+            let mut plain = plain;
+            plain.clear();
+            Scratch {
+                run: clear(run),
+                tok: clear(tok),
+                plain,
+                apos: clear(apos),
+                cleaned: clear(cleaned),
+            }
+        } else {
+            Scratch::default()
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
 }
 
 /// The first eight bytes of `b` (which has at least eight) as one `u64`.
