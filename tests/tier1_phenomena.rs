@@ -168,6 +168,13 @@ fn phrases_split_across_fragments_are_found() {
             &[(P, "thinking about sui", true), (P, "cide", true)],
             Escalate,
         ),
+        // Spaced-out letters that go on in the next text, inside a word
+        // and between two.
+        (
+            &[(P, "i'm going to k i l", true), (P, "l m y s e l f", true)],
+            Escalate,
+        ),
+        (&[(P, "k i l l", true), (P, "m y s e l f", true)], Escalate),
     ]);
 }
 

@@ -641,6 +641,14 @@ impl Matcher {
     fn remember_letters(&self, state: &mut StreamState, text: &str) {
         state.letters.clear();
         state.letter_words = 0;
+        // Nearly every text ends in a word of several letters: then there
+        // is no run, and the split below, which allocates, is not needed.
+        let mut back = text.trim_end().chars().rev();
+        if !(back.next().is_some_and(char::is_alphanumeric)
+            && back.next().is_none_or(char::is_whitespace))
+        {
+            return;
+        }
         let mut run: Vec<&str> = text
             .split_whitespace()
             .rev()
