@@ -611,6 +611,23 @@ fn load(b: &[u8]) -> u64 {
     u64::from_le_bytes(x)
 }
 
+/// `bytes[start..]` as one `u64`: its first eight bytes if it has them,
+/// else the bytes up to `end` (then the text's last, at most eight), with
+/// zeros after. The word at the end of a text is read the way the others
+/// are: it used to take the general path, once for every utterance.
+#[inline(always)]
+fn load_at(bytes: &[u8], start: usize, end: usize) -> u64 {
+    match bytes.get(start..start + 8) {
+        Some(chunk) => load(chunk),
+        None => {
+            let mut x = [0u8; 8];
+            let n = (end - start).min(8);
+            x[..n].copy_from_slice(&bytes[start..start + n]);
+            u64::from_le_bytes(x)
+        }
+    }
+}
+
 /// Where the run of ASCII letters that goes on at `bytes[i]` ends (the
 /// letter before `i` is known). Eight bytes at a time while there are eight.
 #[inline]
@@ -713,22 +730,26 @@ impl Emitter<'_> {
                 self.last_colon = false;
                 continue;
             }
-            // A word of letters alone, between plain breaks, needs no
-            // cleaning: it is lowercased straight into the output and goes
-            // to the word steps there. (At the run's end the word may go on
-            // in a non-ASCII letter, so not there.)
-            match bytes.get(i) {
-                Some(&b) if is_plain_break(b) => {
-                    if letters.len() >= 2 {
-                        self.plain_word_at(bytes, start, i);
-                    } else {
-                        // A single letter waits: it may be one of `k i l l`.
-                        self.run.push(char::from(letters[0] | 0x20));
-                    }
-                    // The break after it changes nothing: no token is
-                    // being read and it is no colon.
-                    i += 1;
+            // A word of letters alone, between plain breaks or at the
+            // text's end, needs no cleaning: it is lowercased straight into
+            // the output and goes to the word steps there. (Not where a
+            // non-ASCII byte follows: the word may go on in a non-ASCII
+            // letter.)
+            let next = bytes.get(i).copied();
+            if next.is_none_or(is_plain_break) {
+                if letters.len() >= 2 {
+                    self.plain_word_at(bytes, start, i);
+                } else {
+                    // A single letter waits: it may be one of `k i l l`.
+                    self.run.push(char::from(letters[0] | 0x20));
                 }
+                // The break after it changes nothing: no token is being
+                // read and it is no colon. (At the end, past it: the loop
+                // ends all the same.)
+                i += 1;
+                continue;
+            }
+            match next {
                 Some(b'\'' | b'`') => i = self.apostrophe_word(bytes, start, i),
                 _ => {
                     self.tok_after_colon = false;
@@ -797,8 +818,8 @@ impl Emitter<'_> {
     }
 
     /// `plain_word` of `bytes[start..end]`. A word of at most eight
-    /// letters with eight bytes of input from its start (nearly all) is
-    /// lowercased as one `u64`, written with one store and hashed as is.
+    /// letters (nearly all) is lowercased as one `u64`, written with one
+    /// store and hashed as is; one of up to sixteen as two.
     #[inline]
     fn plain_word_at(&mut self, bytes: &[u8], start: usize, end: usize) {
         const LOWER: u64 = 0x2020_2020_2020_2020;
@@ -806,17 +827,13 @@ impl Emitter<'_> {
         // Letters only up to `end`: `| 0x20` lowercases each of them, and
         // the mask clears what follows.
         let mask = |n: usize| u64::MAX >> (64 - 8 * n);
-        if (1..=8).contains(&len)
-            && let Some(chunk) = bytes.get(start..start + 8)
-        {
-            let x = (load(chunk) | LOWER) & mask(len);
+        if (1..=8).contains(&len) {
+            let x = (load_at(bytes, start, end) | LOWER) & mask(len);
             self.plain_lowered(&x.to_le_bytes(), len, hash_short(len, x));
-        } else if (9..=16).contains(&len)
-            && let Some(chunk) = bytes.get(start..start + 16)
-        {
+        } else if (9..=16).contains(&len) {
             // Nearly all the rest: two `u64`s, the first all letters.
-            let x0 = load(&chunk[..8]) | LOWER;
-            let x1 = (load(&chunk[8..]) | LOWER) & mask(len - 8);
+            let x0 = load(&bytes[start..start + 8]) | LOWER;
+            let x1 = (load_at(bytes, start + 8, end) | LOWER) & mask(len - 8);
             let mut key = [0u8; 16];
             key[..8].copy_from_slice(&x0.to_le_bytes());
             key[8..].copy_from_slice(&x1.to_le_bytes());
