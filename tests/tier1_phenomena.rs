@@ -93,6 +93,7 @@ fn texting_slang_escalates() {
         ("ready to ctb", Escalate),
         ("thinking about sewerslide", Escalate),
         ("i just wanna die lol", Escalate),
+        ("gonna end it tn", Escalate),
     ]);
 }
 
@@ -422,6 +423,9 @@ fn ambiguous_language_goes_to_review() {
         ("my boyfriend hits me when he drinks", Review),
         ("ya no aguanto más", Review),
         ("soy una carga para mi familia", Review),
+        ("I'm done. I can't anymore.", Review),
+        ("I don't see a future for myself", Review),
+        ("my husband keeps a gun in the nightstand", Review),
     ]);
 }
 
@@ -473,6 +477,9 @@ fn spanish_is_covered() {
         ("me tomé todas las pastillas", Escalate),
         ("me voy a tirar del puente", Escalate),
         ("kiero matarme", Escalate),
+        ("ya no kiero vivir", Escalate),
+        ("ojalá no despertar mañana", Escalate),
+        ("tengo todas mis pastillas listas", Review),
         ("no tiene sentido seguir", Review),
         ("mi jefe quiere matarme", Review),
     ]);
