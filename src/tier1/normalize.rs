@@ -466,10 +466,10 @@ impl Normalizer {
             .iter()
             .position(|&b| b == b' ')
             .map_or(bytes.len(), |i| at + i);
-        if self.vocabulary.is_target_pair(
-            &buf.as_bytes()[left_start..at - 1],
-            &buf.as_bytes()[at..right_end],
-        ) {
+        if self
+            .vocabulary
+            .is_target_pair(&bytes[left_start..at - 1], &bytes[at..right_end])
+        {
             buf.remove(at - 1);
             return left_start;
         }
