@@ -148,6 +148,23 @@ pub(crate) struct WordRef {
     pub code: Option<u16>,
 }
 
+/// Takes the words of the normalized output, in order, once each is
+/// final: a word is handed on when it leaves the history ring (no repeat
+/// or merge reaches it there) or when the text ends. The matcher steps
+/// its automaton here, so a long text's words are never stored in a list
+/// and read back.
+pub(crate) trait WordSink {
+    /// `word` is final and lies at `out[word.s..word.e]`.
+    fn word(&mut self, out: &[u8], word: WordRef);
+}
+
+impl WordSink for Vec<WordRef> {
+    #[inline]
+    fn word(&mut self, _out: &[u8], word: WordRef) {
+        self.push(word);
+    }
+}
+
 /// The crisis vocabulary that one-edit typos are repaired to, and the words
 /// that must never be rewritten (every word a rule uses, plus any extras).
 #[derive(Debug, Clone)]
@@ -479,20 +496,15 @@ impl Normalizer {
     /// Appends the normalized form of `input` to `out`, separated from what
     /// `out` already holds by one space. Allocates only for scratch words.
     pub fn normalize_into(&self, input: &str, out: &mut String) {
-        self.normalize_inner(input, out, None);
+        self.normalize_inner(input, out, None::<&mut Vec<WordRef>>);
     }
 
-    /// `normalize_into`, and the words it appended, in order, with their
-    /// codes (`words` is cleared first).
-    pub(crate) fn normalize_words(&self, input: &str, out: &mut String, words: &mut Vec<WordRef>) {
-        words.clear();
-        // About one word per five bytes of text: a long text's words are
-        // then not copied from buffer to growing buffer a dozen times.
-        words.reserve(input.len() / 5);
-        self.normalize_inner(input, out, Some(words));
+    /// `normalize_into`, handing each word it appends to `sink`, in order.
+    pub(crate) fn normalize_to(&self, input: &str, out: &mut String, sink: &mut impl WordSink) {
+        self.normalize_inner(input, out, Some(sink));
     }
 
-    fn normalize_inner(&self, input: &str, out: &mut String, words: Option<&mut Vec<WordRef>>) {
+    fn normalize_inner<S: WordSink>(&self, input: &str, out: &mut String, words: Option<&mut S>) {
         // The output is built as bytes (only ASCII is ever written, so it
         // stays UTF-8) and handed back as a `String` at the end.
         let mut bytes_out = std::mem::take(out).into_bytes();
@@ -540,6 +552,7 @@ impl Normalizer {
         }
         em.end_token();
         em.flush_run();
+        em.hand_on_rest();
         SCRATCH.set(Scratch::kept(em.run, em.tok, em.plain, em.apos, em.cleaned));
         *out = match String::from_utf8(em.out) {
             Ok(s) => s,
@@ -667,10 +680,10 @@ struct Tok {
 }
 
 /// Streams characters into tokens and tokens into the output.
-struct Emitter<'a> {
+struct Emitter<'a, S> {
     vocab: &'a Vocabulary,
-    /// Every word this call wrote, kept in step with `out`, when asked for.
-    words: Option<&'a mut Vec<WordRef>>,
+    /// Where each word this call wrote goes once final, when asked for.
+    words: Option<&'a mut S>,
     out: Vec<u8>,
     /// Where this call's output begins in `out`.
     base: usize,
@@ -696,7 +709,7 @@ struct Emitter<'a> {
     tok_after_colon: bool,
 }
 
-impl Emitter<'_> {
+impl<S: WordSink> Emitter<'_, S> {
     /// Reads ASCII from `bytes[i..]` up to the first non-ASCII byte, and
     /// returns where that is.
     fn ascii_run(&mut self, bytes: &[u8], mut i: usize) -> usize {
@@ -1103,17 +1116,41 @@ impl Emitter<'_> {
 
     #[inline]
     fn push_hist(&mut self, t: Tok) {
-        if let Some(words) = &mut self.words {
-            words.push(WordRef {
-                s: t.s,
-                e: t.e,
-                code: code_of(t.lex),
-            });
+        // A full ring overwrites its oldest token, which is then final.
+        if self.hist_len == HIST
+            && let Some(words) = &mut self.words
+        {
+            let old = self.hist[self.top.wrapping_add(1) % HIST];
+            words.word(
+                &self.out,
+                WordRef {
+                    s: old.s,
+                    e: old.e,
+                    code: code_of(old.lex),
+                },
+            );
         }
-        // A full ring overwrites its oldest token.
         self.top = self.top.wrapping_add(1);
         self.hist[self.top % HIST] = t;
         self.hist_len = (self.hist_len + 1).min(HIST);
+    }
+
+    /// At the text's end, the words still in the ring are final too.
+    fn hand_on_rest(&mut self) {
+        let Some(words) = &mut self.words else {
+            return;
+        };
+        for j in (0..self.hist_len).rev() {
+            let t = self.hist[self.top.wrapping_sub(j) % HIST];
+            words.word(
+                &self.out,
+                WordRef {
+                    s: t.s,
+                    e: t.e,
+                    code: code_of(t.lex),
+                },
+            );
+        }
     }
 
     /// Token equality: the hashes turn nearly every pair away.
@@ -1125,9 +1162,6 @@ impl Emitter<'_> {
 
     /// Drops the last `n` tokens (at most `hist_len`) from the output.
     fn pop(&mut self, n: usize) {
-        if let Some(words) = &mut self.words {
-            words.truncate(words.len().saturating_sub(n));
-        }
         self.hist_len -= n;
         self.top = self.top.wrapping_sub(n);
         let end = if self.hist_len == 0 {
@@ -1179,16 +1213,6 @@ impl Emitter<'_> {
             hash: h,
             lex,
         };
-        if let Some(words) = &mut self.words {
-            words.pop();
-            if let Some(last) = words.last_mut() {
-                *last = WordRef {
-                    s: a.s,
-                    e,
-                    code: code_of(lex),
-                };
-            }
-        }
         true
     }
 
