@@ -10,7 +10,9 @@
 //! Cues are phrases from the rule files. A cue is looked for just before the
 //! matched phrase (`adjacent`, stepping over `skip` words such as "really"),
 //! or anywhere within `reach` words before or after it, not crossing a
-//! `barrier` word such as "but" that starts a new thought.
+//! `barrier` word such as "but" that starts a new thought. A cue right
+//! after one of its rule's `not_after` phrases is none: "if" in "I don't
+//! know if I'll still be here" asks whether, and opens no condition.
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -56,6 +58,8 @@ pub struct ContextRule {
     after: Vec<Vec<String>>,
     skip: FxHashSet<String>,
     barriers: FxHashSet<String>,
+    /// Phrases after which a cue is no cue.
+    not_after: Vec<Vec<String>>,
     /// Cues by the word they end or begin with: a kind has a hundred cues
     /// or more once phrases are expanded, so each word of context looks up
     /// the few cues it could belong to.
@@ -103,7 +107,14 @@ impl ContextRule {
             after,
             skip,
             barriers,
+            not_after: Vec::new(),
         }
+    }
+
+    /// The rule, with phrases after which a cue is none.
+    pub fn with_not_after(mut self, not_after: Vec<Vec<String>>) -> Self {
+        self.not_after = not_after;
+        self
     }
 
     /// Whether this context holds, given the words before the match (in text
@@ -124,8 +135,11 @@ impl ContextRule {
             while end > 0 {
                 let w = before[end - 1];
                 if self.before_by_last.get(w).is_some_and(|cues| {
-                    cues.iter()
-                        .any(|&c| ends_with(&before[..end], &self.before[c]))
+                    cues.iter().any(|&c| {
+                        let cue = &self.before[c];
+                        ends_with(&before[..end], cue)
+                            && !self.after_not_after(&before[..end - cue.len()])
+                    })
                 }) {
                     return true;
                 }
@@ -143,7 +157,21 @@ impl ContextRule {
             .iter()
             .rposition(|w| self.is_barrier(w))
             .map_or(0, |i| i + 1);
-        contains(&region[start..], &self.before, &self.before_by_first)
+        (lo + start..before.len()).any(|i| {
+            self.before_by_first.get(before[i]).is_some_and(|cs| {
+                cs.iter().any(|&c| {
+                    let cue = &self.before[c];
+                    before.len() - i >= cue.len()
+                        && before[i..].iter().zip(cue).all(|(a, b)| *a == b)
+                        && !self.after_not_after(&before[..i])
+                })
+            })
+        })
+    }
+
+    /// Whether `words` end with a phrase that makes a cue after it none.
+    fn after_not_after(&self, words: &[&str]) -> bool {
+        self.not_after.iter().any(|p| ends_with(words, p))
     }
 
     fn applies_after(&self, after: &[&str]) -> bool {
@@ -214,6 +242,7 @@ struct Compiled {
     after: Vec<Vec<u16>>,
     skip: IdSet,
     barriers: IdSet,
+    not_after: Vec<Vec<u16>>,
     /// Cue indices by the id of the word they end or begin with.
     before_by_last: Vec<Vec<u32>>,
     before_by_first: Vec<Vec<u32>>,
@@ -274,13 +303,19 @@ impl ContextSet {
             };
             let skip = set(&r.skip, &mut id);
             let barriers = set(&r.barriers, &mut id);
+            let not_after = cues(&r.not_after, &mut id);
             let longest = before.iter().map(Vec::len).max().unwrap_or(0);
+            // A cue's start is checked against the phrases before it too.
+            let longest_not_after = not_after.iter().map(Vec::len).max().unwrap_or(0);
             if !before.is_empty() {
-                need_before = need_before.max(if r.adjacent {
-                    r.reach + longest
-                } else {
-                    r.reach
-                });
+                need_before = need_before.max(
+                    longest_not_after
+                        + if r.adjacent {
+                            r.reach + longest
+                        } else {
+                            r.reach
+                        },
+                );
             }
             if !after.is_empty() {
                 need_after = need_after.max(r.reach);
@@ -296,6 +331,7 @@ impl ContextSet {
                 after,
                 skip,
                 barriers,
+                not_after,
             });
         }
         (!too_many).then_some(ContextSet {
@@ -367,8 +403,11 @@ impl Compiled {
             while end > 0 {
                 let w = before[end - 1];
                 if self.before_by_last.get(usize::from(w)).is_some_and(|cues| {
-                    cues.iter()
-                        .any(|&c| ends_with_ids(&before[..end], &self.before[c as usize]))
+                    cues.iter().any(|&c| {
+                        let cue = &self.before[c as usize];
+                        ends_with_ids(&before[..end], cue)
+                            && !self.after_not_after(&before[..end - cue.len()])
+                    })
                 }) {
                     return true;
                 }
@@ -386,7 +425,23 @@ impl Compiled {
             .iter()
             .rposition(|&w| self.barriers.contains(w))
             .map_or(0, |i| i + 1);
-        contains_ids(&region[start..], &self.before, &self.before_by_first)
+        (lo + start..before.len()).any(|i| {
+            self.before_by_first
+                .get(usize::from(before[i]))
+                .is_some_and(|cs| {
+                    cs.iter().any(|&c| {
+                        let cue = &self.before[c as usize];
+                        before.len() - i >= cue.len()
+                            && before[i..i + cue.len()] == **cue
+                            && !self.after_not_after(&before[..i])
+                    })
+                })
+        })
+    }
+
+    /// Whether `words` end with a phrase that makes a cue after it none.
+    fn after_not_after(&self, words: &[u16]) -> bool {
+        self.not_after.iter().any(|p| ends_with_ids(words, p))
     }
 
     fn applies_after(&self, after: &[u16]) -> bool {
@@ -422,6 +477,16 @@ mod tests {
     use super::*;
 
     fn rule(adjacent: bool, reach: usize, before: &[&str], after: &[&str]) -> ContextRule {
+        rule_not_after(adjacent, reach, before, after, &[])
+    }
+
+    fn rule_not_after(
+        adjacent: bool,
+        reach: usize,
+        before: &[&str],
+        after: &[&str],
+        not_after: &[&str],
+    ) -> ContextRule {
         let cues = |l: &[&str]| {
             l.iter()
                 .map(|c| c.split(' ').map(str::to_string).collect())
@@ -436,6 +501,37 @@ mod tests {
             ["really", "ever"].iter().map(|s| s.to_string()),
             ["but", "now"].iter().map(|s| s.to_string()),
         )
+        .with_not_after(cues(not_after))
+    }
+
+    /// "idk if ill still be here … thinking about killing myself": the "if"
+    /// asks whether and opens no condition; "if i fail … kill myself" does.
+    #[test]
+    fn a_cue_after_a_not_after_phrase_is_none() {
+        fn words(s: &str) -> Vec<&str> {
+            s.split(' ').collect()
+        }
+        for adjacent in [false, true] {
+            let r = rule_not_after(adjacent, 10, &["if"], &[], &["idk", "dont know"]);
+            let set = ContextSet::new(std::slice::from_ref(&r)).expect("ids suffice");
+            let ids = |ws: &[&str]| ws.iter().map(|w| set.id(w.as_bytes())).collect::<Vec<_>>();
+            for (before, holds) in [
+                (
+                    "idk if ill still be here by then ive been thinking about",
+                    false,
+                ),
+                ("i dont know if", false),
+                ("if i fail my test im going to", !adjacent),
+                ("i really if", true),
+                ("idk if i can but if", true),
+                ("dont know if", false),
+                ("know if", true),
+            ] {
+                let b = words(before);
+                assert_eq!(r.applies(&b, &[]), holds, "{before:?} adjacent={adjacent}");
+                assert_eq!(set.each(&ids(&b), &[]), vec![holds], "{before:?} compiled");
+            }
+        }
     }
 
     /// The compiled form finds what the string form finds, rule by rule in
@@ -468,6 +564,7 @@ mod tests {
                             r.before
                                 .iter()
                                 .chain(&r.after)
+                                .chain(&r.not_after)
                                 .map(|c| c.join(" "))
                                 .collect()
                         });

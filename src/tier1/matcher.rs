@@ -733,15 +733,20 @@ impl Matcher {
         }
     }
 
-    /// Which screening question, if any, the agent's text asks.
+    /// Which screening question, if any, the agent's text asks. Not one
+    /// inside a condition with no question mark anywhere: "if at any time
+    /// you think of hurting yourself, you can call 988" is the referral,
+    /// and the patient's "yes, thanks" to it is no disclosure.
     fn screening_question(&self, text: &str) -> Option<u16> {
         let ac = self.questions.as_ref()?;
         let norm = self.normalizer.normalize(text);
         let bytes = norm.as_bytes();
+        let asks = text.contains(['?', '\u{bf}', '\u{ff1f}']);
         ac.find_iter(&norm)
             .find(|m| {
                 (m.start() == 0 || bytes[m.start() - 1] == b' ')
                     && (m.end() == bytes.len() || bytes[m.end()] == b' ')
+                    && (asks || !conditional_before(&norm[..m.start()]))
             })
             .map(|m| self.question_of[m.pattern().as_usize()])
     }
@@ -1048,6 +1053,26 @@ impl Matcher {
         }
         set.kind_of(before, &after[..na])
     }
+}
+
+/// Words that open a condition, in the languages with screening
+/// questions ("si" only as the agent writes it: "sí" folds to it too, but
+/// a "yes" before a question with no question mark is no question).
+const CONDITION_OPENERS: &[&str] = &["if", "when", "whenever", "unless", "should", "si", "cuando"];
+
+/// How many words before a screening question a condition's opener may
+/// stand ("if at any time in the past few weeks you have had thoughts of").
+const CONDITION_REACH: usize = 8;
+
+/// Whether one of the last `CONDITION_REACH` words of normalized `before`
+/// opens a condition.
+fn conditional_before(before: &str) -> bool {
+    before
+        .split(' ')
+        .rev()
+        .filter(|w| !w.is_empty())
+        .take(CONDITION_REACH)
+        .any(|w| CONDITION_OPENERS.contains(&w))
 }
 
 /// Words typo repair must leave alone: every word of every pattern, prefix

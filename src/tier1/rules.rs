@@ -286,6 +286,9 @@ struct ContextDef {
     skip: Vec<String>,
     #[serde(default)]
     barriers: Vec<String>,
+    /// Phrases after which a cue is none ("dont know" before "if").
+    #[serde(default)]
+    not_after: Vec<String>,
 }
 
 fn default_reach() -> usize {
@@ -495,6 +498,7 @@ impl Builder {
             };
             let before = cues(&c.before);
             let after = cues(&c.after);
+            let not_after = cues(&c.not_after);
             if before.is_empty() && after.is_empty() {
                 self.errors.push(RuleError::Context {
                     file: file.to_string(),
@@ -502,9 +506,10 @@ impl Builder {
                     message: "no cues".to_string(),
                 });
             }
-            contexts.push(ContextRule::new(
-                kind, before, after, c.adjacent, c.reach, c.skip, c.barriers,
-            ));
+            contexts.push(
+                ContextRule::new(kind, before, after, c.adjacent, c.reach, c.skip, c.barriers)
+                    .with_not_after(not_after),
+            );
         }
         self.set
             .context
