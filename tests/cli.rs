@@ -137,6 +137,7 @@ fn eval_passes_the_default_thresholds_on_every_corpus() {
         "holdout2.jsonl",
         "holdout3.jsonl",
         "holdout4.jsonl",
+        "holdout5.jsonl",
     ] {
         let out = crisisd(&["eval", &data(corpus)], None);
         let stdout = text(&out.stdout);

@@ -317,6 +317,53 @@ fn a_yes_to_the_screening_question_escalates() {
             ],
             Escalate,
         ),
+        // The 988 referral names the thoughts in a condition, and asks
+        // nothing: a "yes, thanks" to it is no disclosure.
+        (
+            &[
+                (
+                    A,
+                    "Si en algún momento piensa en hacerse daño, puede llamar o mandar un texto al 988.",
+                    true,
+                ),
+                (P, "Sí, gracias. Solo llamo para confirmar mi cita.", true),
+            ],
+            Benign,
+        ),
+        (
+            &[
+                (
+                    A,
+                    "If at any point you have thoughts of killing yourself, you can call or text 988.",
+                    true,
+                ),
+                (P, "yes thank you, see you tuesday", true),
+            ],
+            Benign,
+        ),
+        // A condition before a real question does not hide it.
+        (
+            &[
+                (
+                    A,
+                    "If you don't mind me asking, are you having thoughts of suicide?",
+                    true,
+                ),
+                (P, "yes", true),
+            ],
+            Escalate,
+        ),
+        (
+            &[
+                (
+                    A,
+                    "Si me permite preguntar, ¿ha pensado en quitarse la vida?",
+                    true,
+                ),
+                (P, "sí", true),
+            ],
+            Escalate,
+        ),
         // A yes to something else is nothing.
         (
             &[(A, "Is Tuesday at three okay?", true), (P, "yes", true)],
@@ -405,6 +452,52 @@ fn conditions_and_hyperbole_are_reviewed() {
         ("si me vuelven a cobrar me mato", Review),
         // "sí" (yes) loses its accent, and must not read as "si" (if).
         ("si, me quiero matar", Escalate),
+        // "if" after "don't know" asks whether: no condition, even within
+        // the condition's reach across a sentence (holdout5).
+        (
+            "honestly idk if ill still be here by then. ive been thinking about killing myself every day",
+            Escalate,
+        ),
+        (
+            "i dont know if i can go on. i want to kill myself",
+            Escalate,
+        ),
+        ("no se si voy a aguantar. me quiero matar", Escalate),
+        // A condition still is one.
+        ("if i fail this exam im going to kill myself", Review),
+    ]);
+}
+
+/// What holdout5 (2026-12-02, written blind) found missed: a whole bottle
+/// taken in Spanish, driving into a median, going back to a bridge and
+/// thinking of the jump, a farewell of thanks.
+#[test]
+fn holdout5_phenomena() {
+    check_texts(&[
+        (
+            "anoche me tome un frasco entero de pastillas para no despertar",
+            Escalate,
+        ),
+        ("me trague una caja completa de calmantes", Escalate),
+        ("me voy a tomar todo el frasco de pastillas", Escalate),
+        (
+            "thinking about driving my car into the median on the way home",
+            Escalate,
+        ),
+        (
+            "i keep going to the bridge at night and thinking about jumping",
+            Escalate,
+        ),
+        ("i keep thinking about jumping off it", Review),
+        (
+            "just wanted to say thank you for everything. goodbye",
+            Review,
+        ),
+        ("idk if ill still be here next week", Review),
+        // Benign neighbours stay quiet.
+        ("thanks for everything, see you next week", Benign),
+        ("i drove my car into the garage and went to bed", Benign),
+        ("me tome una pastilla para el dolor de cabeza", Benign),
     ]);
 }
 

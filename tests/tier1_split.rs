@@ -64,6 +64,7 @@ fn every_corpus_line_split_at_every_word_boundary_is_detected_as_the_whole() {
         "holdout2.jsonl",
         "holdout3.jsonl",
         "holdout4.jsonl",
+        "holdout5.jsonl",
         "dev.jsonl",
     ] {
         let file = std::fs::File::open(dir.join(f)).expect("corpus");
