@@ -1114,7 +1114,9 @@ impl<S: WordSink> Emitter<'_, S> {
         &self.hist[self.top.wrapping_sub(j) % HIST]
     }
 
-    #[inline]
+    // Always inlined: left to the compiler it was a call per word, whose
+    // register saves and spilled arguments cost a quarter of the step.
+    #[inline(always)]
     fn push_hist(&mut self, t: Tok) {
         // A full ring overwrites its oldest token, which is then final.
         if self.hist_len == HIST
