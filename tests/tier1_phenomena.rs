@@ -501,6 +501,48 @@ fn holdout5_phenomena() {
     ]);
 }
 
+/// What holdout6 (2026-12-02, written blind) found missed or over-read: a
+/// hedged wish not to live, someone else's pills counted, a place reached
+/// to jump, a day named after a past attempt, a Spanish farewell; and on
+/// the other side a haircut, ending things with a therapist, and where to
+/// live rather than whether.
+#[test]
+fn holdout6_phenomena() {
+    check_texts(&[
+        (
+            "i dont think i even want to be alive at this point",
+            Escalate,
+        ),
+        ("ion wanna exist", Escalate),
+        ("i popped about twenty of my roommates pills", Escalate),
+        ("drove out to the overpass to jump", Escalate),
+        (
+            "i overdosed years ago. yesterday i took a whole bottle of pills",
+            Escalate,
+        ),
+        ("gonna swallow all my pils", Escalate),
+        ("me estoy despidiendo de mis hijos", Review),
+        ("before i go through with it i want to see my kids", Review),
+        ("ive given away all my things", Review),
+        ("my brother doesnt want to live anymore", Review),
+        // Benign neighbours stay quiet.
+        ("mañana me voy a cortar el cabello y la barba", Benign),
+        ("me estoy cortando las uñas", Benign),
+        (
+            "i want to end things with my old therapist, not with you",
+            Benign,
+        ),
+        ("came here to jump start the battery", Benign),
+        ("i dont want to live with my parents anymore", Benign),
+        ("honestly i dont want to live in this city", Benign),
+        ("ya no quiero vivir con mi suegra", Benign),
+        // The crisis language next to them still counts.
+        ("i dont want to live with this pain", Escalate),
+        ("i dont want to live with myself", Escalate),
+        ("no quiero vivir con este dolor", Escalate),
+    ]);
+}
+
 #[test]
 fn ambiguous_language_goes_to_review() {
     check_texts(&[
