@@ -499,6 +499,22 @@ impl Builder {
             let before = cues(&c.before);
             let after = cues(&c.after);
             let not_after = cues(&c.not_after);
+            // Skip words and barriers are compared a word at a time: a
+            // phrase there would never match, silently.
+            for (field, w) in c
+                .skip
+                .iter()
+                .map(|w| ("skip", w))
+                .chain(c.barriers.iter().map(|w| ("barriers", w)))
+            {
+                if w.is_empty() || w.contains(' ') {
+                    self.errors.push(RuleError::Context {
+                        file: file.to_string(),
+                        kind: kind.as_str().to_string(),
+                        message: format!("{field}: {w:?} is not one word"),
+                    });
+                }
+            }
             if before.is_empty() && after.is_empty() {
                 self.errors.push(RuleError::Context {
                     file: file.to_string(),
@@ -882,6 +898,14 @@ mod tests {
             (
                 "language = \"en\"\n[[exclude]]\nid = \"x\"\nphrases = [\"cut myself\"]\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"cut myself\"]",
                 "xx/en.toml: rule `a`: pattern \"cut myself\" is identical to exclusion `x`, so it can never fire",
+            ),
+            (
+                "language = \"en\"\n[context.past]\nbefore = [\"years ago\"]\nbarriers = [\"last night\"]\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"cut myself\"]",
+                "xx/en.toml: context `past`: barriers: \"last night\" is not one word",
+            ),
+            (
+                "language = \"en\"\n[context.negation]\nbefore = [\"not\"]\nskip = [\"for real\"]\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"cut myself\"]",
+                "xx/en.toml: context `negation`: skip: \"for real\" is not one word",
             ),
             (
                 "language = \"es\"\n",
