@@ -499,19 +499,28 @@ impl Builder {
             let before = cues(&c.before);
             let after = cues(&c.after);
             let not_after = cues(&c.not_after);
-            // Skip words and barriers are compared a word at a time: a
-            // phrase there would never match, silently.
+            // Skip words and barriers are compared a word at a time with
+            // normalized text: a phrase or an unnormalized word there would
+            // never match, silently.
             for (field, w) in c
                 .skip
                 .iter()
                 .map(|w| ("skip", w))
                 .chain(c.barriers.iter().map(|w| ("barriers", w)))
             {
-                if w.is_empty() || w.contains(' ') {
+                let message = if w.is_empty() || w.contains(' ') {
+                    Some(format!("{field}: {w:?} is not one word"))
+                } else {
+                    let normalized = self.basic.normalize(w);
+                    (normalized != *w).then(|| {
+                        format!("{field}: {w:?} normalizes to {normalized:?}; write it as normalized text")
+                    })
+                };
+                if let Some(message) = message {
                     self.errors.push(RuleError::Context {
                         file: file.to_string(),
                         kind: kind.as_str().to_string(),
-                        message: format!("{field}: {w:?} is not one word"),
+                        message,
                     });
                 }
             }
@@ -906,6 +915,10 @@ mod tests {
             (
                 "language = \"en\"\n[context.negation]\nbefore = [\"not\"]\nskip = [\"for real\"]\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"cut myself\"]",
                 "xx/en.toml: context `negation`: skip: \"for real\" is not one word",
+            ),
+            (
+                "language = \"en\"\n[context.negation]\nbefore = [\"not\"]\nskip = [\"Really\"]\n[[rule]]\nid = \"a\"\ncategory = \"self_harm\"\naction = \"escalate\"\nphrases = [\"cut myself\"]",
+                "xx/en.toml: context `negation`: skip: \"Really\" normalizes to \"really\"; write it as normalized text",
             ),
             (
                 "language = \"es\"\n",
