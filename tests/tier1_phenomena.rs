@@ -543,6 +543,62 @@ fn holdout6_phenomena() {
     ]);
 }
 
+/// holdout7's misses, by phenomenon (written blind, first run 0.630 /
+/// 0.721), with their benign neighbours.
+#[test]
+fn holdout7_phenomena() {
+    check_texts(&[
+        // Someone else's pills, all of them, and a caregiver's.
+        ("i just took all my dads pills", Escalate),
+        ("took all of my sisters meds an hour ago", Escalate),
+        ("i took all my moms pills away from her", Benign),
+        // A vehicle driven into something, with the intent said.
+        ("i wanna drive straight into a wall", Escalate),
+        ("gonna crash my truck head on into a semi", Escalate),
+        ("we drove straight into the city for the game", Benign),
+        // A height measured against a fall.
+        (
+            "checked if the parking garage was tall enough to kill me",
+            Escalate,
+        ),
+        ("is the fence high enough to keep the dog in", Benign),
+        // A fixing judged for a hanging.
+        (
+            "i think the rafter in the basement will hold my weight",
+            Escalate,
+        ),
+        ("will the branch hold me if i climb higher", Benign),
+        ("bought rope today", Review),
+        // "Me mato" with a day or a decision.
+        ("esta noche me mato", Escalate),
+        ("ya tome la decision que me mato", Escalate),
+        ("mañana me mato estudiando para el examen", Benign),
+        ("el sabado me mato el partido", Benign),
+        // Passive wishes in other words.
+        ("ojalá dormirme y ya no despertar", Escalate),
+        ("things would be better if i never existed", Escalate),
+        // Not knowing whether one wants to live is no negation.
+        ("idk if i want to be alive", Review),
+        ("no sé si puedo seguir viviendo", Review),
+        ("i dont know if i want to go on the trip", Benign),
+        // Threats against the patient, reported; the idiom stays quiet.
+        ("my boyfriend texted me hes gonna kill me", Review),
+        ("my stepdad came over with a gun", Review),
+        ("mi novio me escribió que me va a matar", Review),
+        ("mi papá tiene un arma en la casa", Review),
+        ("my mom is going to kill me if im late lol", Benign),
+        ("mi mamá me va a matar si llego tarde", Benign),
+        // Third parties at a height.
+        ("mi primo se quiere tirar de un edificio", Review),
+        // ASR of "suicide".
+        ("been thinking about sue a side", Review),
+        // Spanish negation reaches past "estoy pensando en".
+        ("no he pensado en lastimarme", Review),
+        // But not past "quiero": the "no" is not the phrase's.
+        ("ya no quiero, me quiero matar", Escalate),
+    ]);
+}
+
 #[test]
 fn ambiguous_language_goes_to_review() {
     check_texts(&[

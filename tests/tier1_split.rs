@@ -66,6 +66,7 @@ fn every_corpus_line_split_at_every_word_boundary_is_detected_as_the_whole() {
         "holdout4.jsonl",
         "holdout5.jsonl",
         "holdout6.jsonl",
+        "holdout7.jsonl",
         "dev.jsonl",
     ] {
         let file = std::fs::File::open(dir.join(f)).expect("corpus");
