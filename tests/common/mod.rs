@@ -99,14 +99,40 @@ impl TestServer {
             stop: Some(stop),
             handle: Some(handle),
         };
-        // Ready when a connection succeeds.
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
+        s.wait_until_serving().await;
+        s
+    }
+
+    /// Waits until the server reads its connections. A TCP connect is not
+    /// enough: the listener is bound before the server builds its matcher
+    /// and opens its store, which in a debug build on a slow machine takes
+    /// seconds, and a test that times its own load must not count that
+    /// start-up. Until it serves, a connection sits in the backlog and
+    /// nothing answers; once it does, the HTTP/2 preface gets a reply (or,
+    /// from a TLS server, a close).
+    async fn wait_until_serving(&self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = tokio::net::TcpStream::connect(self.addr).await
+                && c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                    .await
+                    .is_ok()
+            {
+                let mut b = [0u8; 64];
+                if tokio::time::timeout(Duration::from_secs(1), c.read(&mut b))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test server did not serve within 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        s
     }
 
     pub async fn client(&self) -> CrisisDetectionClient<Channel> {
