@@ -417,6 +417,68 @@ fn negation_lowers_to_review_never_to_nothing() {
     check_texts(&[("no sé, me quiero morir", Escalate)]);
 }
 
+/// A context cue reads within its sentence. Normalization drops the
+/// punctuation, and before sentence starts were kept a cue at the end of
+/// one sentence lowered an unambiguous phrase in the next.
+#[test]
+fn a_cue_does_not_reach_across_a_sentence_end() {
+    check_texts(&[
+        ("Not really. I want to die.", Escalate),
+        ("I don't. I want to die", Escalate),
+        ("Never. I'm going to kill myself tonight", Escalate),
+        ("No! I want to kill myself", Escalate),
+        ("I talked to my sister. I want to die", Escalate),
+        (
+            "I said goodbye to my mom. Going to kill myself tonight",
+            Escalate,
+        ),
+        ("Last year was hard; I want to kill myself", Escalate),
+        ("Ya hablé con mi hermana. Me quiero matar", Escalate),
+        ("¿Yo? No. Me quiero matar", Escalate),
+        // Within the sentence, the cue still lowers; after a sentence end,
+        // the next sentence is no cue for the one before.
+        ("I'm not going to kill myself. I promise", Review),
+        ("Honestly? I would never end my life.", Review),
+        ("Mi hermano se quiere matar. No sé qué hacer", Review),
+    ]);
+    check(&[
+        // Across finals: the first ended its sentence.
+        (
+            &[(P, "Not really.", true), (P, "I want to die", true)],
+            Escalate,
+        ),
+        (
+            &[
+                (
+                    P,
+                    "My insurance changed last month, can you update it?",
+                    true,
+                ),
+                (P, "honestly I just want to kill myself", true),
+            ],
+            Escalate,
+        ),
+        // The sentence end in the second fragment.
+        (
+            &[(P, "not really", true), (P, ". I want to die", true)],
+            Escalate,
+        ),
+        // A final with no sentence end goes on into the next: a phrase
+        // split over two keeps its negation.
+        (
+            &[(P, "I'm not", true), (P, "going to kill myself", true)],
+            Review,
+        ),
+        (
+            &[
+                (P, "my son said", true),
+                (P, "he wants to kill himself", true),
+            ],
+            Review,
+        ),
+    ]);
+}
+
 #[test]
 fn third_party_is_reviewed() {
     check_texts(&[
@@ -685,6 +747,9 @@ fn stream_state_stays_under_a_kibibyte() {
         m.feed(&mut st, P, &long, i % 3 != 0);
         m.feed(&mut st, A, &long, true);
         m.feed(&mut st, P, &"x".repeat(5000), true);
+        assert!(st.footprint() < 1024, "{} bytes", st.footprint());
+        // Every word its own sentence: the window's sentence starts.
+        m.feed(&mut st, P, &"a. no. b! ok? ".repeat(40), true);
         assert!(st.footprint() < 1024, "{} bytes", st.footprint());
     }
 }

@@ -152,6 +152,11 @@ const WORDS: &[&str] = &[
     "k1ll",
     "sui",
     "cide",
+    // Sentence ends: a cue must not reach across one, split or not.
+    "no.",
+    "really?",
+    "!",
+    "ok.",
 ];
 
 proptest! {

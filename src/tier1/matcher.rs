@@ -125,7 +125,14 @@ pub struct StreamState {
     /// goes on in the next fragment is normalized again as one.
     letters: String,
     letter_words: u8,
+    /// Where the window's words that begin a sentence begin, in bytes
+    /// back from its end (it holds at most `WINDOW_BYTES`).
+    starts: Vec<u8>,
+    /// The last final ended a sentence: the next word begins one.
+    ends_sentence: bool,
 }
+
+const _: () = assert!(WINDOW_BYTES <= u8::MAX as usize);
 
 impl StreamState {
     pub fn new() -> Self {
@@ -138,6 +145,7 @@ impl StreamState {
             + self.window.capacity()
             + self.early.capacity() * std::mem::size_of::<(RuleIndex, Action)>()
             + self.letters.capacity()
+            + self.starts.capacity()
     }
 }
 
@@ -347,10 +355,13 @@ impl Prefixes {
 }
 
 thread_local! {
-    /// The window and the new text, normalized, and the literals the new
-    /// text's words end.
-    static SCRATCH: RefCell<(String, Vec<Ended>)> =
-        RefCell::new((String::with_capacity(512), Vec::with_capacity(16)));
+    /// The window and the new text, normalized, the literals the new
+    /// text's words end, and where its sentences begin.
+    static SCRATCH: RefCell<(String, Vec<Ended>, Vec<usize>)> = RefCell::new((
+        String::with_capacity(512),
+        Vec::with_capacity(16),
+        Vec::with_capacity(8),
+    ));
 }
 
 /// A literal ending at a word of the new text: which, and where it ends.
@@ -598,10 +609,13 @@ impl Matcher {
         }
         SCRATCH.with(|s| {
             let mut scratch = s.borrow_mut();
-            let (buf, ended) = &mut *scratch;
+            let (buf, ended, starts) = &mut *scratch;
             buf.clear();
             ended.clear();
+            starts.clear();
             buf.push_str(&state.window);
+            starts.extend(state.starts.iter().map(|&d| buf.len() - usize::from(d)));
+            let mut after_stop = state.ends_sentence;
             let mut old = buf.len();
             let mut resume = if old > 0 { state.resume } else { Some(START) };
             let joined;
@@ -616,24 +630,52 @@ impl Matcher {
                     input = &joined;
                     buf.truncate(cut.saturating_sub(1));
                     old = buf.len();
+                    // A sentence that began with the letters begins with
+                    // them again.
+                    while starts.last().is_some_and(|&p| p >= old) {
+                        starts.pop();
+                        after_stop = true;
+                    }
                     resume = if old > 0 { None } else { Some(START) };
                 }
             }
-            let stepped = match resume {
+            let in_window = starts.len();
+            let (stepped, ends_sentence) = match resume {
                 Some(sid) if fused => {
                     let mut stepper = Stepper {
                         matcher: self,
                         sid,
                         ended,
                     };
-                    self.normalizer.normalize_to(input, buf, &mut stepper);
-                    Some(stepper.sid)
+                    let ends = self.normalizer.normalize_marking(
+                        input,
+                        buf,
+                        Some(&mut stepper),
+                        starts,
+                        after_stop,
+                    );
+                    (Some(stepper.sid), ends)
                 }
                 _ => {
-                    self.normalizer.normalize_into(input, buf);
-                    None
+                    let ends = self.normalizer.normalize_marking(
+                        input,
+                        buf,
+                        None::<&mut Vec<WordRef>>,
+                        starts,
+                        after_stop,
+                    );
+                    (None, ends)
                 }
             };
+            // The seam's edits below take words and spaces from the front
+            // of the new text: its sentence starts are held from the end
+            // meanwhile, where those edits do not move them.
+            let before_seam = buf.len();
+            for p in &mut starts[in_window..] {
+                *p = before_seam - *p;
+            }
+            let seam = old;
+            let mut rescanned = None;
             if old > 0 && buf.len() > old {
                 match drop_boundary_repeats(buf, old) {
                     Seam::Unchanged => {}
@@ -641,6 +683,7 @@ impl Matcher {
                     Seam::Rescan(at) => {
                         old = at;
                         resume = None;
+                        rescanned = Some(at);
                     }
                 }
             }
@@ -653,13 +696,14 @@ impl Matcher {
                     resume = None;
                 }
             }
+            restore_starts(buf, starts, in_window, seam, rescanned);
             // The normalizer's words are the new text's exactly, unless the
             // scan must start earlier.
             let stepped = stepped
                 .filter(|_| resume.is_some())
                 .map(|sid| (&ended[..], sid));
             let (mut found, end_state) = if buf.len() > old {
-                let (found, sid) = self.scan(buf, old, !is_final, resume, stepped);
+                let (found, sid) = self.scan(buf, starts, old, !is_final, resume, stepped);
                 (found, Some(sid))
             } else {
                 (Vec::new(), resume)
@@ -682,6 +726,15 @@ impl Matcher {
                 state.early.clear();
                 state.resume = end_state;
                 keep_tail(&mut state.window, buf);
+                let tail = buf.len() - state.window.len();
+                state.starts.clear();
+                state.starts.extend(
+                    starts
+                        .iter()
+                        .filter(|&&p| p >= tail)
+                        .filter_map(|&p| u8::try_from(buf.len() - p).ok()),
+                );
+                state.ends_sentence = ends_sentence;
                 self.remember_letters(state, input);
             } else {
                 for d in &mut found {
@@ -829,6 +882,7 @@ impl Matcher {
     fn scan(
         &self,
         buf: &str,
+        starts: &[usize],
         old: usize,
         partial: bool,
         resume: Option<StateId>,
@@ -949,7 +1003,7 @@ impl Matcher {
                     by = match lowered.iter().find(|(l, _)| *l == lang) {
                         Some((_, k)) => *k,
                         None => {
-                            let k = self.context_of(lang, buf, start, end);
+                            let k = self.context_of(lang, buf, starts, start, end);
                             lowered.push((lang, k));
                             k
                         }
@@ -1005,7 +1059,18 @@ impl Matcher {
         words
     }
 
-    fn context_of(&self, lang: u16, buf: &str, start: usize, end: usize) -> Option<ContextKind> {
+    /// The context rule, if any, that lowers the phrase at `buf[start..end]`.
+    /// Context is read within the phrase's sentence: a word in `starts`
+    /// begins one, and no cue reaches across ("Never. I'm going to kill
+    /// myself" is not negated).
+    fn context_of(
+        &self,
+        lang: u16,
+        buf: &str,
+        starts: &[usize],
+        start: usize,
+        end: usize,
+    ) -> Option<ContextKind> {
         let set = &self.context[usize::from(lang)];
         if set.is_empty() {
             return None;
@@ -1015,10 +1080,11 @@ impl Matcher {
         // match. (Byte loops: for words this short, `split` costs more.)
         let (need_before, need_after) = set.reach();
         let bytes = buf.as_bytes();
+        let begins = |p: usize| starts.binary_search(&p).is_ok();
         let mut before = [OTHER; CONTEXT_WORDS];
         let mut nb = 0;
         let mut i = start;
-        while nb < need_before.min(CONTEXT_WORDS) {
+        while nb < need_before.min(CONTEXT_WORDS) && !begins(i) {
             while i > 0 && bytes[i - 1] == b' ' {
                 i -= 1;
             }
@@ -1041,7 +1107,7 @@ impl Matcher {
             while i < bytes.len() && bytes[i] == b' ' {
                 i += 1;
             }
-            if i == bytes.len() {
+            if i == bytes.len() || begins(i) {
                 break;
             }
             let s = i;
@@ -1147,6 +1213,59 @@ fn is_single_char(t: &str) -> bool {
 /// Whether `text` begins with a single letter or digit standing alone.
 fn starts_with_letter(text: &str) -> bool {
     text.split_whitespace().next().is_some_and(is_single_char)
+}
+
+/// Puts the new text's sentence starts (`starts[in_window..]`, held as
+/// bytes back from the end) back as positions in `buf`, after the seam's
+/// edits. A start whose word an edit took is handed to the first new word,
+/// as the normalizer hands on a dropped word's; one inside a word joined
+/// across the seam is dropped. `rescanned`: the window lost its words
+/// after this one.
+fn restore_starts(
+    buf: &str,
+    starts: &mut Vec<usize>,
+    in_window: usize,
+    seam: usize,
+    rescanned: Option<usize>,
+) {
+    let bytes = buf.as_bytes();
+    let len = bytes.len();
+    // Where the window ends now: the new text's words begin after it.
+    let window_end = match rescanned {
+        Some(at) => bytes[at..]
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(len, |i| at + i),
+        None => seam,
+    };
+    let mut lost = false;
+    let mut kept = 0;
+    for r in 0..starts.len() {
+        let p = if r < in_window {
+            if rescanned.is_some_and(|at| starts[r] > at) {
+                continue;
+            }
+            starts[r]
+        } else {
+            match len.checked_sub(starts[r]) {
+                Some(p) if p > window_end || window_end == 0 => p,
+                _ => {
+                    lost = true;
+                    continue;
+                }
+            }
+        };
+        if p < len && (p == 0 || bytes[p - 1] == b' ') {
+            starts[kept] = p;
+            kept += 1;
+        }
+    }
+    starts.truncate(kept);
+    if lost && window_end + 1 < len && bytes[window_end] == b' ' {
+        starts.push(window_end + 1);
+    }
+    starts.sort_unstable();
+    starts.dedup();
 }
 
 /// Where the last `k` words of normalized `buf` begin, if it has as many.
@@ -1379,6 +1498,11 @@ mod tests {
             "hang myself",
             "im a burden",
             "nobody would miss me",
+            "Not really.",
+            "no.",
+            "? ",
+            "\u{BF}Yo? No.",
+            "Never! ",
             "",
         ]);
         prop_oneof![
@@ -1386,6 +1510,31 @@ mod tests {
             1 => "\\PC{0,40}",
             1 => "[a-zA-Z '.,!]{0,40}",
         ]
+    }
+
+    /// A window's sentence starts lie at its words' starts, in order.
+    fn starts_are_word_starts(state: &StreamState) -> Result<(), TestCaseError> {
+        let w = state.window.as_bytes();
+        let mut last = None;
+        for &d in &state.starts {
+            let d = usize::from(d);
+            prop_assert!(d > 0 && d <= w.len(), "{} in {:?}", d, state.window);
+            let p = w.len() - d;
+            prop_assert!(
+                w[p] != b' ' && (p == 0 || w[p - 1] == b' '),
+                "{} in {:?}",
+                p,
+                state.window
+            );
+            prop_assert!(
+                last.is_none_or(|l| l < p),
+                "{:?} in {:?}",
+                state.starts,
+                state.window
+            );
+            last = Some(p);
+        }
+        Ok(())
     }
 
     proptest! {
@@ -1407,6 +1556,9 @@ mod tests {
                 prop_assert_eq!(fused, plain, "{:?}", text);
                 prop_assert_eq!(&a.window, &b.window);
                 prop_assert_eq!(a.resume, b.resume);
+                prop_assert_eq!(&a.starts, &b.starts);
+                prop_assert_eq!(a.ends_sentence, b.ends_sentence);
+                starts_are_word_starts(&a)?;
             }
         }
 
@@ -1432,6 +1584,9 @@ mod tests {
                 let plain = m.feed_with(&mut b, Speaker::Patient, piece, is_final, false);
                 prop_assert_eq!(fused, plain, "{:?} of {:?}", piece, text);
                 prop_assert_eq!(&a.window, &b.window);
+                prop_assert_eq!(&a.starts, &b.starts);
+                prop_assert_eq!(a.ends_sentence, b.ends_sentence);
+                starts_are_word_starts(&a)?;
             }
         }
     }

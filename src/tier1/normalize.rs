@@ -84,6 +84,31 @@ fn is_plain_break(b: u8) -> bool {
     CLASS[usize::from(b)] == BREAK
 }
 
+/// ASCII that ends a sentence: `.` `?` `!` `;` and line breaks. A context
+/// cue does not reach across one ("Not really. I want to die" is no
+/// negated wish), so the matcher is told where sentences begin.
+static STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'.' as usize] = true;
+    t[b'?' as usize] = true;
+    t[b'!' as usize] = true;
+    t[b';' as usize] = true;
+    t[b'\n' as usize] = true;
+    t[b'\r' as usize] = true;
+    t
+};
+
+#[inline]
+fn is_stop(b: u8) -> bool {
+    STOP[usize::from(b)]
+}
+
+/// Non-ASCII that ends or opens a sentence (after NFKC, which makes
+/// fullwidth `？` `！` ASCII and `…` three dots).
+fn is_stop_char(c: char) -> bool {
+    matches!(c, '\u{BF}' | '\u{A1}' | '\u{3002}' | '\u{FF61}')
+}
+
 /// Emoji that carry risk in a patient's words, and the token each becomes.
 /// Crisis Text Line found the pill emoji more predictive than the word
 /// "suicide"; the others name a method or death itself.
@@ -496,15 +521,33 @@ impl Normalizer {
     /// Appends the normalized form of `input` to `out`, separated from what
     /// `out` already holds by one space. Allocates only for scratch words.
     pub fn normalize_into(&self, input: &str, out: &mut String) {
-        self.normalize_inner(input, out, None::<&mut Vec<WordRef>>);
+        self.normalize_inner(input, out, None::<&mut Vec<WordRef>>, None, false);
     }
 
-    /// `normalize_into`, handing each word it appends to `sink`, in order.
-    pub(crate) fn normalize_to(&self, input: &str, out: &mut String, sink: &mut impl WordSink) {
-        self.normalize_inner(input, out, Some(sink));
+    /// `normalize_into`, handing each word it appends to `sink` (if given),
+    /// in order, and pushing onto `starts` where in `out` each appended
+    /// word that begins a sentence begins. `after_stop`: what `out` holds
+    /// ended a sentence, so the first word appended begins one. Returns
+    /// whether `input` ends one.
+    pub(crate) fn normalize_marking<S: WordSink>(
+        &self,
+        input: &str,
+        out: &mut String,
+        sink: Option<&mut S>,
+        starts: &mut Vec<usize>,
+        after_stop: bool,
+    ) -> bool {
+        self.normalize_inner(input, out, sink, Some(starts), after_stop)
     }
 
-    fn normalize_inner<S: WordSink>(&self, input: &str, out: &mut String, words: Option<&mut S>) {
+    fn normalize_inner<S: WordSink>(
+        &self,
+        input: &str,
+        out: &mut String,
+        words: Option<&mut S>,
+        starts: Option<&mut Vec<usize>>,
+        after_stop: bool,
+    ) -> bool {
         // The output is built as bytes (only ASCII is ever written, so it
         // stays UTF-8) and handed back as a `String` at the end.
         let mut bytes_out = std::mem::take(out).into_bytes();
@@ -531,6 +574,9 @@ impl Normalizer {
             cleaned,
             last_colon: false,
             tok_after_colon: false,
+            starts,
+            pending: after_stop,
+            run_stop: 0,
         };
         // ASCII takes the single pass; only the non-ASCII stretches between
         // ASCII go through NFKC. Splitting there is safe: what NFKC would
@@ -553,12 +599,14 @@ impl Normalizer {
         em.end_token();
         em.flush_run();
         em.hand_on_rest();
+        let ends_sentence = em.pending;
         SCRATCH.set(Scratch::kept(em.run, em.tok, em.plain, em.apos, em.cleaned));
         *out = match String::from_utf8(em.out) {
             Ok(s) => s,
             // Unreachable: only ASCII is written after valid UTF-8.
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
+        ends_sentence
     }
 }
 
@@ -707,6 +755,13 @@ struct Emitter<'a, S> {
     last_colon: bool,
     /// The word being read began right after a `:` (a `:pill:` shortcode).
     tok_after_colon: bool,
+    /// Where words that begin a sentence begin, when asked for.
+    starts: Option<&'a mut Vec<usize>>,
+    /// A sentence ended since the last word written: the next begins one.
+    pending: bool,
+    /// A sentence ended after this many of the held-back single letters
+    /// (0: none did).
+    run_stop: usize,
 }
 
 impl<S: WordSink> Emitter<'_, S> {
@@ -724,6 +779,9 @@ impl<S: WordSink> Emitter<'_, S> {
                 // Between words, a break changes nothing but the colon flag.
                 if class == BREAK && self.tok.is_empty() {
                     self.last_colon = false;
+                    if is_stop(b) {
+                        self.stop();
+                    }
                 } else {
                     self.ascii(b);
                 }
@@ -755,6 +813,9 @@ impl<S: WordSink> Emitter<'_, S> {
                 } else {
                     // A single letter waits: it may be one of `k i l l`.
                     self.run.push(char::from(letters[0] | 0x20));
+                }
+                if next.is_some_and(is_stop) {
+                    self.stop();
                 }
                 // The break after it changes nothing: no token is being
                 // read and it is no colon. (At the end, past it: the loop
@@ -921,9 +982,16 @@ impl<S: WordSink> Emitter<'_, S> {
             b'!' | b'|' => {
                 if !self.tok.is_empty() {
                     self.tok.push(b as char)
+                } else if b == b'!' {
+                    self.stop();
                 }
             }
-            _ => self.end_token(),
+            _ => {
+                self.end_token();
+                if is_stop(b) {
+                    self.stop();
+                }
+            }
         }
         self.last_colon = colon;
     }
@@ -982,7 +1050,12 @@ impl<S: WordSink> Emitter<'_, S> {
                     self.ascii(b);
                 }
             }
-            None => self.end_token(),
+            None => {
+                self.end_token();
+                if is_stop_char(c) {
+                    self.stop();
+                }
+            }
         }
     }
 
@@ -993,12 +1066,38 @@ impl<S: WordSink> Emitter<'_, S> {
             return;
         }
         let mut tok = std::mem::take(&mut self.tok);
+        // "help!": the `!` a word ends with ends its sentence.
+        let stop = tok.ends_with('!');
         clean_word(&mut tok, &mut self.cleaned);
         if !tok.is_empty() {
             self.word_owned(&tok);
         }
         tok.clear();
         self.tok = tok;
+        if stop {
+            self.stop();
+        }
+    }
+
+    /// A sentence ends here: the next word written begins one. Single
+    /// letters still held back are written first, so the mark waits for
+    /// them.
+    #[inline]
+    fn stop(&mut self) {
+        if self.run.is_empty() {
+            self.pending = true;
+        } else {
+            self.run_stop = self.run.len();
+        }
+    }
+
+    /// The word about to be committed at `out[s..]` begins a sentence.
+    #[cold]
+    fn mark_start(&mut self, s: usize) {
+        self.pending = false;
+        if let Some(starts) = &mut self.starts {
+            starts.push(s);
+        }
     }
 
     fn word_owned(&mut self, w: &str) {
@@ -1028,14 +1127,19 @@ impl<S: WordSink> Emitter<'_, S> {
 
     fn flush_run_slow(&mut self) {
         let run = std::mem::take(&mut self.run);
+        let stop = std::mem::take(&mut self.run_stop);
         if run.len() >= 3 {
-            // "m m m" joins to "mmm", itself a filler.
+            // "m m m" joins to "mmm", itself a filler. A sentence end
+            // inside the run ("k. i. l. l") is lost in the joined word.
             if !is_filler(&run) {
                 self.commit(run.as_bytes());
             }
         } else {
             // One or two: "i", "a" (common enough to skip the lookup).
-            for &b in run.as_bytes() {
+            for (k, &b) in run.as_bytes().iter().enumerate() {
+                if stop > 0 && k == stop {
+                    self.pending = true;
+                }
                 if self.needs_space() {
                     self.out.push(b' ');
                 }
@@ -1044,6 +1148,9 @@ impl<S: WordSink> Emitter<'_, S> {
                 let lex = self.vocab.letter_lex(b);
                 self.committed(s, hash_short(1, u64::from(b)), lex);
             }
+        }
+        if stop > 0 && stop == run.len() {
+            self.pending = true;
         }
         let mut run = run;
         run.clear();
@@ -1067,6 +1174,9 @@ impl<S: WordSink> Emitter<'_, S> {
     /// call there costs more than its own work.
     #[inline(always)]
     fn committed(&mut self, s: usize, mut h: u64, mut lex: Lex) {
+        if self.pending {
+            self.mark_start(s);
+        }
         if lex.flags & TYPO != 0 {
             self.repair_last(s, &mut h, &mut lex);
         }
@@ -1177,6 +1287,15 @@ impl<S: WordSink> Emitter<'_, S> {
             self.back(0).e
         };
         self.out.truncate(end);
+        // A dropped word that began a sentence hands that on to the next.
+        if let Some(starts) = &mut self.starts
+            && starts.last().is_some_and(|&p| p >= end)
+        {
+            while starts.last().is_some_and(|&p| p >= end) {
+                starts.pop();
+            }
+            self.pending = true;
+        }
     }
 
     /// `sui cide` → `suicide`, `my self` → `myself`: two words that together
@@ -1202,7 +1321,13 @@ impl<S: WordSink> Emitter<'_, S> {
         {
             return false;
         }
-        // Remove the space between the two words.
+        // Remove the space between the two words; the second no longer
+        // begins anything.
+        if let Some(starts) = &mut self.starts
+            && starts.last() == Some(&b.s)
+        {
+            starts.pop();
+        }
         self.out.remove(b.s - 1);
         self.hist_len -= 1;
         self.top = self.top.wrapping_sub(1);
@@ -1671,6 +1796,163 @@ mod tests {
             for s in [&w, &edited, &format!("{edited} {w}"), &format!("{} {}", &edited[..p], &edited[p..])] {
                 prop_assert_eq!(new.normalize(s), old.normalize(s), "input {:?}", s);
             }
+        }
+    }
+
+    /// Runs `normalize_marking` after `prefix` with and without a word
+    /// sink, checks both agree and that every start is where a word the
+    /// sink was handed begins, and returns the output, starts and flag.
+    fn marked(
+        n: &Normalizer,
+        prefix: &str,
+        s: &str,
+        after_stop: bool,
+    ) -> Result<(String, Vec<usize>, bool), TestCaseError> {
+        let base = n.normalize(prefix);
+        let (mut a, mut b) = (base.clone(), base.clone());
+        let (mut sa, mut sb) = (Vec::new(), Vec::new());
+        let mut words = Vec::new();
+        let ea = n.normalize_marking(s, &mut a, None::<&mut Vec<WordRef>>, &mut sa, after_stop);
+        let eb = n.normalize_marking(s, &mut b, Some(&mut words), &mut sb, after_stop);
+        prop_assert_eq!(&a, &b, "input {:?}", s);
+        prop_assert_eq!(&sa, &sb, "input {:?}", s);
+        prop_assert_eq!(ea, eb, "input {:?}", s);
+        let out = a.as_bytes();
+        for (k, &p) in sa.iter().enumerate() {
+            prop_assert!(k == 0 || sa[k - 1] < p, "{:?} in {:?}", sa, a);
+            prop_assert!(p >= base.len() && p < out.len(), "{} in {:?}", p, a);
+            prop_assert!(
+                out[p] != b' ' && (p == 0 || out[p - 1] == b' '),
+                "{} in {:?}",
+                p,
+                a
+            );
+            prop_assert!(words.iter().any(|w: &WordRef| w.s == p), "{} in {:?}", p, a);
+        }
+        // Marking changes nothing the plain call writes.
+        let mut plain = base;
+        n.normalize_into(s, &mut plain);
+        prop_assert_eq!(&plain, &a);
+        Ok((a, sa, ea))
+    }
+
+    #[test]
+    fn sentence_starts_by_example() {
+        let (n, _) = shipped();
+        let cases: &[(&str, bool, &str, &[&str], bool)] = &[
+            // input, after_stop, output, the words that begin a sentence, ends one
+            (
+                "Not really. I want to die",
+                false,
+                "not really i want to die",
+                &["i"],
+                false,
+            ),
+            ("no! kill myself", false, "no kill myself", &["kill"], false),
+            ("help! now", false, "help now", &["now"], false),
+            ("ok?", false, "ok", &[], true),
+            ("ok", true, "ok", &["ok"], false),
+            (
+                "one; two\nthree",
+                false,
+                "one two three",
+                &["two", "three"],
+                false,
+            ),
+            ("\u{BF}Yo? No.", false, "yo no", &["yo", "no"], true),
+            (
+                "Never... kill myself",
+                false,
+                "never kill myself",
+                &["kill"],
+                false,
+            ),
+            ("um. I want", false, "i want", &["i"], false),
+        ];
+        for &(input, after, want_out, want_starts, want_end) in cases {
+            let (out, starts, end) = marked(n, "", input, after).expect("consistent");
+            assert_eq!(out, want_out, "{input:?}");
+            let words: Vec<&str> = starts
+                .iter()
+                .map(|&p| out[p..].split(' ').next().unwrap_or(""))
+                .collect();
+            assert_eq!(words, want_starts, "{input:?}");
+            assert_eq!(end, want_end, "{input:?}");
+        }
+    }
+
+    /// Plain words the normalizer keeps as written: no filler, repeat,
+    /// single letter or typo of the crisis vocabulary.
+    const PLAIN: &[&str] = &[
+        "want", "die", "kill", "myself", "sister", "tonight", "honestly", "never", "really",
+        "tuesday", "pills", "quiero", "matar", "not", "going", "hermana",
+    ];
+    const SEPS: &[&str] = &[
+        " ",
+        ". ",
+        "? ",
+        "! ",
+        "; ",
+        "\n",
+        " . ",
+        " - ",
+        ", ",
+        "?! ",
+        "\u{2026} ",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Where sentences begin, exactly, on words the normalizer keeps.
+        #[test]
+        fn sentence_starts_are_exact_on_plain_words(
+            // Distinct words: a repeated word or pair would be dropped.
+            words in prop::sample::subsequence(PLAIN.to_vec(), 1..12).prop_shuffle(),
+            seps in prop::collection::vec(prop::sample::select(SEPS), 12),
+            after_stop in any::<bool>(),
+            prefix in "(|i want|kill)",
+        ) {
+            let (n, _) = shipped();
+            let parts: Vec<(&str, &str)> = words.into_iter().zip(seps).collect();
+            let mut input = String::new();
+            let mut want_words = Vec::new();
+            let mut stop_before = after_stop;
+            for &(w, sep) in &parts {
+                if stop_before {
+                    want_words.push(w);
+                }
+                input.push_str(w);
+                input.push_str(sep);
+                stop_before = !matches!(sep, " " | " - " | ", ");
+            }
+            if parts.first().is_some_and(|p| prefix.ends_with(p.0)) {
+                return Ok(());
+            }
+            let (out, starts, end) = marked(n, &prefix, &input, after_stop)?;
+            let words: Vec<&str> = starts
+                .iter()
+                .map(|&p| out[p..].split(' ').next().unwrap_or(""))
+                .collect();
+            prop_assert_eq!(words, want_words, "{:?} after {:?}", input, prefix);
+            prop_assert_eq!(end, stop_before, "{:?}", input);
+        }
+
+        /// Consistent on any text: what `marked` checks holds.
+        #[test]
+        fn sentence_starts_are_word_starts(
+            prefix in "(|sui|my|k|i want.)",
+            s in "[a-zA-Z0-9 '@$!|.,:;?\n\u{BF}\u{A1}\u{3002}\u{200B}\u{2019}\u{E9}\u{1F48A}]{0,60}",
+            after_stop in any::<bool>(),
+        ) {
+            let (n, _) = shipped();
+            marked(n, &prefix, &s, after_stop)?;
+        }
+
+        #[test]
+        fn sentence_starts_on_arbitrary_text(s in "\\PC*", after_stop in any::<bool>()) {
+            let (n, _) = shipped();
+            marked(n, "i want", &s, after_stop)?;
         }
     }
 
