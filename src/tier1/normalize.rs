@@ -142,14 +142,42 @@ const NUMBER_SUFFIXES: &[&str] = &[
     "hr", "hrs", "min", "mins", "yo", "yr", "yrs", "ft", "in", "g", "mo",
 ];
 
-/// What the lexicon knows of a word.
+/// What the lexicon knows of a word, packed in one `u64`: its flags in
+/// the low byte; with `TYPO`, the index in `Vocabulary::targets` it is
+/// repaired to (bits 16-31); with `CODED`, the word's id in the matcher's
+/// automaton (bits 32-47). One word, because every word of every text
+/// carries one through the history ring: as a struct of three fields it
+/// was packed and unpacked there, a dozen instructions a word.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Lex {
-    flags: u8,
-    /// With `TYPO`: the index in `Vocabulary::targets` it is repaired to.
-    target: u16,
-    /// With `CODED`: the word's id in the matcher's automaton.
-    code: u16,
+struct Lex(u64);
+
+impl Lex {
+    #[inline(always)]
+    fn has(self, flag: u8) -> bool {
+        self.0 & u64::from(flag) != 0
+    }
+
+    #[inline(always)]
+    fn target(self) -> u16 {
+        (self.0 >> 16) as u16
+    }
+
+    #[inline(always)]
+    fn code(self) -> u16 {
+        (self.0 >> 32) as u16
+    }
+
+    fn add(&mut self, flag: u8) {
+        self.0 |= u64::from(flag);
+    }
+
+    fn set_target(&mut self, target: u16) {
+        self.0 = (self.0 & !(0xFFFF << 16)) | (u64::from(target) << 16);
+    }
+
+    fn set_code(&mut self, code: u16) {
+        self.0 = (self.0 & !(0xFFFF << 32)) | (u64::from(code) << 32);
+    }
 }
 
 /// A speech filler.
@@ -275,14 +303,18 @@ impl Vocabulary {
         let targets: Vec<Box<str>> = self.by_first.iter().flatten().cloned().collect();
         let mut lexicon: WordTable<Lex> = WordTable::with_capacity(1024);
         for f in FILLERS {
-            lexicon.entry_with(f.as_bytes(), |_| Lex::default()).flags |= FILLER;
+            lexicon
+                .entry_with(f.as_bytes(), |_| Lex::default())
+                .add(FILLER);
         }
         let mut cand: Vec<u8> = Vec::with_capacity(64);
         for t in &targets {
             let w = t.as_bytes();
             for k in 1..=w.len() {
-                lexicon.entry_with(&w[..k], |_| Lex::default()).flags |= LEFT;
-                lexicon.entry_with(&w[k - 1..], |_| Lex::default()).flags |= RIGHT;
+                lexicon.entry_with(&w[..k], |_| Lex::default()).add(LEFT);
+                lexicon
+                    .entry_with(&w[k - 1..], |_| Lex::default())
+                    .add(RIGHT);
             }
             let try_cand = |cand: &[u8], lexicon: &mut WordTable<Lex>| {
                 let Ok(s) = std::str::from_utf8(cand) else {
@@ -298,8 +330,8 @@ impl Vocabulary {
                     return;
                 };
                 let e = lexicon.entry_with(cand, |_| Lex::default());
-                e.flags |= TYPO;
-                e.target = i;
+                e.add(TYPO);
+                e.set_target(i);
             };
             for p in 1..=w.len() {
                 // Delete or swap at p.
@@ -353,16 +385,17 @@ impl Vocabulary {
 
     #[inline]
     fn lex(&self, w: &[u8], h: u64) -> Lex {
-        self.lexicon.get_hashed(w, h).unwrap_or_default()
+        self.lexicon.get_or_default(w, h)
     }
 
     /// Gives each word the rules use its id in the matcher's automaton.
     pub(crate) fn set_codes<'w>(&mut self, codes: impl IntoIterator<Item = (&'w [u8], u16)>) {
         for (w, code) in codes {
             let e = self.lexicon.entry_with(w, |_| Lex::default());
-            e.flags |= CODED;
-            e.code = code;
+            e.add(CODED);
+            e.set_code(code);
         }
+        self.lexicon.spread();
         self.refresh_letters();
     }
 
@@ -436,7 +469,7 @@ impl Vocabulary {
 
 #[inline]
 fn code_of(lex: Lex) -> Option<u16> {
-    (lex.flags & CODED != 0).then_some(lex.code)
+    lex.has(CODED).then_some(lex.code())
 }
 
 /// Whether `t` becomes `w` by one edit past the first letter: deleting or
@@ -718,6 +751,25 @@ fn letters_end(bytes: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Whether a word of two letters or more, between plain breaks (or at the
+/// text's end), begins at `bytes[j]` and is no filler: one that ends a run
+/// of single letters, rather than joining it (`k i l l`) or being dropped
+/// from between them (`k um i l l`). Fillers begin with one of `a e h m
+/// u`; a word beginning so is not looked up but left to the general path.
+#[inline]
+fn starts_plain_word(bytes: &[u8], j: usize) -> bool {
+    let Some(&first) = bytes.get(j) else {
+        return false;
+    };
+    if CLASS[usize::from(first)] != LETTER
+        || matches!(first | 0x20, b'a' | b'e' | b'h' | b'm' | b'u')
+    {
+        return false;
+    }
+    let k = letters_end(bytes, j + 1);
+    k - j >= 2 && bytes.get(k).is_none_or(|&b| is_plain_break(b))
+}
+
 /// A word in the output: where it is, its hash, and its lexicon entry.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tok {
@@ -810,6 +862,10 @@ impl<S: WordSink> Emitter<'_, S> {
             if next.is_none_or(is_plain_break) {
                 if letters.len() >= 2 {
                     self.plain_word_at(bytes, start, i);
+                } else if self.run.is_empty() && starts_plain_word(bytes, i + 1) {
+                    // "i want", "a lot": a plain word follows, which would
+                    // write a run of this one letter as it is at once.
+                    self.letter(letters[0] | 0x20);
                 } else {
                     // A single letter waits: it may be one of `k i l l`.
                     self.run.push(char::from(letters[0] | 0x20));
@@ -860,7 +916,7 @@ impl<S: WordSink> Emitter<'_, S> {
         }
         if i < n && is_plain_break(bytes[i]) {
             if w.len() >= 2 {
-                self.plain_word(w.as_bytes());
+                self.plain_key(w.as_bytes());
             } else {
                 self.run.push_str(&w);
             }
@@ -870,6 +926,18 @@ impl<S: WordSink> Emitter<'_, S> {
         }
         self.apos = w;
         i
+    }
+
+    /// The one-letter word `b` (lowercase), written as a run of one.
+    #[inline(never)]
+    fn letter(&mut self, b: u8) {
+        if self.needs_space() {
+            self.out.push(b' ');
+        }
+        let s = self.out.len();
+        self.out.push(b);
+        let lex = self.vocab.letter_lex(b);
+        self.committed(s, hash_short(1, u64::from(b)), lex);
     }
 
     /// Whether the next word needs a space before it.
@@ -889,6 +957,29 @@ impl<S: WordSink> Emitter<'_, S> {
         self.out.extend(letters.iter().map(|&c| c | 0x20));
         let h = hash(&self.out[s..]);
         self.plain_written(mark, s, h);
+    }
+
+    /// `plain_word` of lowercase `w`: one of up to sixteen letters, as
+    /// `plain_word_at` has it, keyed and hashed in `u64`s rather than
+    /// written and hashed byte by byte. "I'm", "don't" and "can't" are
+    /// common in speech; each took the general path. Not inlined: the
+    /// word loop's registers are better spent on the words of letters.
+    #[inline(never)]
+    fn plain_key(&mut self, w: &[u8]) {
+        let len = w.len();
+        if len > 16 {
+            self.plain_word(w);
+            return;
+        }
+        let mut key = [0u8; 16];
+        key[..len].copy_from_slice(w);
+        let x0 = load(&key[..8]);
+        if len <= 8 {
+            self.plain_lowered(&key[..8], len, hash_short(len, x0));
+        } else {
+            let x1 = load(&key[8..]);
+            self.plain_lowered(&key, len, hash_pair(len, x0, x1));
+        }
     }
 
     /// `plain_word` of `bytes[start..end]`. A word of at most eight
@@ -923,7 +1014,7 @@ impl<S: WordSink> Emitter<'_, S> {
     #[inline(always)]
     fn plain_lowered(&mut self, key: &[u8], len: usize, h: u64) {
         let lex = self.vocab.lex(&key[..len], h);
-        if lex.flags & FILLER != 0 {
+        if lex.has(FILLER) {
             return;
         }
         self.flush_run();
@@ -941,7 +1032,7 @@ impl<S: WordSink> Emitter<'_, S> {
     #[inline]
     fn plain_written(&mut self, mark: usize, s: usize, h: u64) {
         let lex = self.vocab.lex(&self.out[s..], h);
-        if lex.flags & FILLER != 0 {
+        if lex.has(FILLER) {
             self.out.truncate(mark);
             return;
         }
@@ -1177,7 +1268,7 @@ impl<S: WordSink> Emitter<'_, S> {
         if self.pending {
             self.mark_start(s);
         }
-        if lex.flags & TYPO != 0 {
+        if lex.has(TYPO) {
             self.repair_last(s, &mut h, &mut lex);
         }
         let l = self.hist_len;
@@ -1187,7 +1278,7 @@ impl<S: WordSink> Emitter<'_, S> {
         let maybe = l >= 1 && {
             let prev = self.back(0);
             prev.hash == h
-                || (prev.lex.flags & LEFT != 0 && lex.flags & RIGHT != 0)
+                || (prev.lex.has(LEFT) && lex.has(RIGHT))
                 || (l >= 3 && self.back(1).hash == h)
         };
         self.push_hist(Tok {
@@ -1208,7 +1299,7 @@ impl<S: WordSink> Emitter<'_, S> {
 
     #[cold]
     fn repair_last(&mut self, s: usize, h: &mut u64, lex: &mut Lex) {
-        let Some(t) = self.vocab.targets.get(usize::from(lex.target)) else {
+        let Some(t) = self.vocab.targets.get(usize::from(lex.target())) else {
             return;
         };
         self.out.truncate(s);
@@ -1307,7 +1398,7 @@ impl<S: WordSink> Emitter<'_, S> {
         }
         let (a, b) = (*self.back(1), *self.back(0));
         // Only a beginning and an end of a target can make one.
-        if a.lex.flags & LEFT == 0 || b.lex.flags & RIGHT == 0 {
+        if !a.lex.has(LEFT) || !b.lex.has(RIGHT) {
             return false;
         }
         self.merge_slow(a, b)
@@ -1606,6 +1697,18 @@ mod tests {
         assert_eq!(out, "i want");
     }
 
+    /// `starts_plain_word` leaves every word beginning as a filler may to
+    /// the general path; a filler beginning otherwise would be missed there.
+    #[test]
+    fn fillers_begin_where_starts_plain_word_looks() {
+        for f in FILLERS {
+            assert!(!starts_plain_word(f.as_bytes(), 0), "{f}");
+        }
+        assert!(starts_plain_word(b"want to", 0));
+        assert!(!starts_plain_word(b"k i l l", 0));
+        assert!(!starts_plain_word(b"want!", 0));
+    }
+
     #[test]
     fn one_edit_table() {
         let cases: &[(&str, &str, bool)] = &[
@@ -1755,7 +1858,9 @@ mod tests {
             .chain(rules.repair.iter().map(String::as_str))
         {
             let lex = v.lex(w.as_bytes(), hash(w.as_bytes()));
-            let got = (lex.flags & TYPO != 0).then(|| &*v.targets[usize::from(lex.target)]);
+            let got = lex
+                .has(TYPO)
+                .then(|| &*v.targets[usize::from(lex.target())]);
             assert_eq!(got, v.repair(w), "{w}");
         }
     }

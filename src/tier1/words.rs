@@ -156,6 +156,13 @@ impl<V: Copy + Default> WordTable<V> {
         (s.len != EMPTY).then_some(s.code)
     }
 
+    /// `get_hashed`, with `V::default()` for a word not in the table: an
+    /// empty slot holds that value, so no branch decides between the two.
+    #[inline(always)]
+    pub fn get_or_default(&self, w: &[u8], h: u64) -> V {
+        self.slots[self.find(w, h)].code
+    }
+
     /// Adds `w` with the code `make` gives it, unless already present;
     /// returns its code. Grows as needed.
     pub fn insert_with(&mut self, w: &[u8], make: impl FnOnce(usize) -> V) -> V {
@@ -183,6 +190,13 @@ impl<V: Copy + Default> WordTable<V> {
         self.keys.extend_from_slice(w);
         self.len += 1;
         &mut self.slots[i].code
+    }
+
+    /// Doubles the slots (a load of at most one quarter) for a table that
+    /// is read far more than it is built: a probe then nearly always ends
+    /// at its first slot.
+    pub fn spread(&mut self) {
+        self.grow();
     }
 
     fn grow(&mut self) {
