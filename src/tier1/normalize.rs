@@ -1231,13 +1231,7 @@ impl<S: WordSink> Emitter<'_, S> {
                 if stop > 0 && k == stop {
                     self.pending = true;
                 }
-                if self.needs_space() {
-                    self.out.push(b' ');
-                }
-                let s = self.out.len();
-                self.out.push(b);
-                let lex = self.vocab.letter_lex(b);
-                self.committed(s, hash_short(1, u64::from(b)), lex);
+                self.letter(b);
             }
         }
         if stop > 0 && stop == run.len() {
