@@ -36,7 +36,7 @@
 //!   exclusion match is dropped. Overlapping survivors form a phrase whose
 //!   surroundings may lower `escalate` to `review`, never to nothing.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use rustc_hash::FxHashMap;
 
@@ -1153,18 +1153,28 @@ pub(crate) fn known_words(rules: &RuleSet) -> impl Iterator<Item = &str> {
         .chain(rules.keep.iter().map(String::as_str))
 }
 
-/// Exclusion spans, answering "does one contain [s, e)?" in log time, so a
-/// long text full of idioms stays linear.
+/// Exclusion spans, answering "does one contain [s, e)?" in a step or two
+/// when asked in order, in log time otherwise, so a long text full of
+/// idioms stays linear.
 struct Excluded {
     /// (end, start) sorted by end, with the smallest start from each index on.
     spans: Vec<(usize, usize)>,
     min_start_from: Vec<usize>,
+    /// Where the last question's end fell in `spans`. The scan asks in
+    /// the order matches end, the order the spans come in too, so the
+    /// next answer is nearly always a step or two on: a binary search
+    /// for each of a long text's 19,000 matches was a fifth of the scan.
+    cursor: Cell<usize>,
 }
 
 impl Excluded {
     fn new(spans: impl Iterator<Item = (usize, usize)>) -> Self {
         let mut spans: Vec<(usize, usize)> = spans.map(|(s, e)| (e, s)).collect();
-        spans.sort_unstable();
+        // Matches come in the order they end: only a caller's odd order
+        // needs sorting (the order among equal ends does not matter).
+        if !spans.is_sorted_by_key(|&(end, _)| end) {
+            spans.sort_unstable_by_key(|&(end, _)| end);
+        }
         let mut min_start_from = vec![usize::MAX; spans.len()];
         let mut m = usize::MAX;
         for (i, &(_, s)) in spans.iter().enumerate().rev() {
@@ -1174,12 +1184,25 @@ impl Excluded {
         Excluded {
             spans,
             min_start_from,
+            cursor: Cell::new(0),
         }
     }
 
+    /// Whether an exclusion spans `s..e`: one that ends at or after `e`
+    /// and begins at or before `s`.
     fn contains(&self, s: usize, e: usize) -> bool {
-        let i = self.spans.partition_point(|&(end, _)| end < e);
-        i < self.spans.len() && self.min_start_from[i] <= s
+        let spans = &self.spans;
+        let mut i = self.cursor.get();
+        if i > 0 && spans[i - 1].0 >= e {
+            // Asked out of order: search from the beginning.
+            i = spans.partition_point(|&(end, _)| end < e);
+        } else {
+            while i < spans.len() && spans[i].0 < e {
+                i += 1;
+            }
+        }
+        self.cursor.set(i);
+        i < spans.len() && self.min_start_from[i] <= s
     }
 }
 
@@ -1743,6 +1766,45 @@ mod tests {
             assert_eq!(x.contains(*s, *e), *want, "{s}..{e}");
         }
         assert!(!Excluded::new(std::iter::empty()).contains(0, 1));
+    }
+
+    /// Asked in any order, about spans given in any order, the cursor
+    /// answers as a search over every span does.
+    #[test]
+    fn excluded_agrees_with_every_span_in_any_order() {
+        let mut x: u64 = 11;
+        let mut rnd = |n: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % n) as usize
+        };
+        for round in 0..300 {
+            let spans: Vec<(usize, usize)> = (0..rnd(12))
+                .map(|_| {
+                    let s = rnd(40);
+                    (s, s + 1 + rnd(10))
+                })
+                .collect();
+            let mut spans_in = spans.clone();
+            if round % 2 == 0 {
+                spans_in.sort_by_key(|&(_, e)| e);
+            }
+            let ex = Excluded::new(spans_in.into_iter());
+            let mut asks: Vec<(usize, usize)> = (0..20)
+                .map(|_| {
+                    let s = rnd(45);
+                    (s, s + 1 + rnd(10))
+                })
+                .collect();
+            if round % 3 != 0 {
+                asks.sort_by_key(|&(_, e)| e);
+            }
+            for (s, e) in asks {
+                let want = spans.iter().any(|&(xs, xe)| xs <= s && e <= xe);
+                assert_eq!(ex.contains(s, e), want, "{spans:?} {s}..{e}");
+            }
+        }
     }
 
     #[test]
