@@ -3,6 +3,7 @@
 //! tier1`; the figures are recorded in BENCHMARKS.md.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use crisisd::domain::Speaker;
 use crisisd::tier1::{Matcher, RuleSet, StreamState};
@@ -126,6 +127,22 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("normalize_only", |b| {
         b.iter(|| matcher.normalizer().normalize(black_box(&long)).len())
+    });
+    // The same pass, timed alone: each sample counts its fastest pass. The
+    // machines this runs on share their cores with other tenants' work,
+    // which slows a pass by up to half at times and makes the mean above
+    // swing between runs; the fastest of a sample's passes is what the
+    // code does on a core of its own. Both are reported (BENCHMARKS.md).
+    g.bench_function("detect_fastest_pass", |b| {
+        b.iter_custom(|iters| {
+            let mut fastest = Duration::MAX;
+            for _ in 0..iters {
+                let t = Instant::now();
+                black_box(matcher.detect(black_box(&long)).len());
+                fastest = fastest.min(t.elapsed());
+            }
+            fastest * u32::try_from(iters).unwrap_or(u32::MAX)
+        })
     });
     g.finish();
 }
