@@ -9,51 +9,9 @@ use crisisd::domain::Speaker;
 use crisisd::tier1::{Matcher, RuleSet, StreamState};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-/// Patient utterances of 60-120 bytes, the size of one ASR final or one text,
-/// built from the corpora's patient lines. `risky_every`: one utterance in
-/// that many carries a line from an escalate or review case; the rest are
-/// benign (scheduling, therapy talk, idioms), as on a real line.
-fn utterances(risky_every: usize) -> Vec<String> {
-    let (mut benign, mut risky) = (Vec::new(), Vec::new());
-    for file in [
-        include_str!("../tests/data/sample.jsonl"),
-        include_str!("../tests/data/dev.jsonl"),
-    ] {
-        for line in file.lines() {
-            let Ok(c) = crisisd::corpus::parse_line(line) else {
-                continue;
-            };
-            for e in c
-                .events
-                .into_iter()
-                .filter(|e| e.speaker == Speaker::Patient)
-            {
-                match c.label {
-                    Some(crisisd::corpus::Outcome::None) => benign.push(e.text),
-                    _ => risky.push(e.text),
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let (mut b, mut r) = (benign.iter().cycle(), risky.iter().cycle());
-    while out.len() < 2000 {
-        let mut cur = String::new();
-        if out.len() % risky_every == 0 {
-            cur.push_str(r.next().expect("risky lines"));
-        }
-        while cur.len() < 60 {
-            if !cur.is_empty() {
-                cur.push_str(". ");
-            }
-            cur.push_str(b.next().expect("benign lines"));
-        }
-        if cur.len() <= 120 {
-            out.push(cur);
-        }
-    }
-    out
-}
+#[path = "common/tier1_texts.rs"]
+mod tier1_texts;
+use tier1_texts::{long_text, utterances};
 
 fn bench(c: &mut Criterion) {
     let rules = RuleSet::builtin().expect("shipped rules load");
@@ -112,13 +70,7 @@ fn bench(c: &mut Criterion) {
         g.finish();
     }
 
-    // One long text (a transcript of an hour or a pasted document).
-    let long: String = utterances(10)
-        .iter()
-        .cycle()
-        .take(20_000)
-        .map(|u| format!("{u}. "))
-        .collect();
+    let long = long_text();
     let mut g = c.benchmark_group("long_text");
     g.sample_size(20);
     g.throughput(Throughput::Bytes(long.len() as u64));
