@@ -5,13 +5,12 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use crisisd::domain::Speaker;
-use crisisd::tier1::{Matcher, RuleSet, StreamState};
+use crisisd::tier1::{Matcher, RuleSet};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 #[path = "common/tier1_texts.rs"]
 mod tier1_texts;
-use tier1_texts::{long_text, utterances};
+use tier1_texts::{feed_as_finals, long_text, utterances};
 
 fn bench(c: &mut Criterion) {
     let rules = RuleSet::builtin().expect("shipped rules load");
@@ -42,19 +41,7 @@ fn bench(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("utterances/{name}"));
         g.throughput(Throughput::Elements(utts.len() as u64));
         g.bench_function("stream_final", |b| {
-            b.iter(|| {
-                // A fresh conversation every 8 utterances, as on a busy line.
-                let mut n = 0;
-                for chunk in utts.chunks(8) {
-                    let mut st = StreamState::new();
-                    for u in chunk {
-                        n += matcher
-                            .feed(&mut st, Speaker::Patient, black_box(u), true)
-                            .len();
-                    }
-                }
-                n
-            })
+            b.iter(|| feed_as_finals(&matcher, &utts))
         });
         g.bench_function("normalize_only", |b| {
             let n = matcher.normalizer();

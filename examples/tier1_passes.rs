@@ -16,12 +16,11 @@ use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use crisisd::domain::Speaker;
-use crisisd::tier1::{Matcher, StreamState};
+use crisisd::tier1::Matcher;
 
 #[path = "../benches/common/tier1_texts.rs"]
 mod tier1_texts;
-use tier1_texts::{long_text, utterances};
+use tier1_texts::{feed_as_finals, long_text, utterances};
 
 const USAGE: &str = "usage: tier1_passes detect|passes|typical [N] | dump";
 
@@ -81,14 +80,7 @@ fn main() -> ExitCode {
             let t = Instant::now();
             let mut found = 0;
             for _ in 0..n {
-                for chunk in utts.chunks(8) {
-                    let mut st = StreamState::new();
-                    for u in chunk {
-                        found += matcher
-                            .feed(&mut st, Speaker::Patient, black_box(u), true)
-                            .len();
-                    }
-                }
+                found += feed_as_finals(&matcher, &utts);
             }
             let s = t.elapsed().as_secs_f64();
             println!(

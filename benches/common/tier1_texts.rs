@@ -2,7 +2,10 @@
 //! `examples/tier1_passes.rs` so that a profile and the bench see the same
 //! words.
 
+use std::hint::black_box;
+
 use crisisd::domain::Speaker;
+use crisisd::tier1::{Matcher, StreamState};
 
 /// Patient utterances of 60-120 bytes, the size of one ASR final or one text,
 /// built from the corpora's patient lines. `risky_every`: one utterance in
@@ -59,4 +62,19 @@ pub fn long_text() -> String {
         .take(20_000)
         .map(|u| format!("{u}. "))
         .collect()
+}
+
+/// The typical loop: each of `utts` fed as a final, a fresh conversation
+/// every 8 utterances, as on a busy line. Returns how many detections.
+pub fn feed_as_finals(matcher: &Matcher, utts: &[String]) -> usize {
+    let mut n = 0;
+    for chunk in utts.chunks(8) {
+        let mut st = StreamState::new();
+        for u in chunk {
+            n += matcher
+                .feed(&mut st, Speaker::Patient, black_box(u), true)
+                .len();
+        }
+    }
+    n
 }
