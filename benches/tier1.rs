@@ -70,8 +70,9 @@ fn bench(c: &mut Criterion) {
     // The same pass, timed alone: each sample counts its fastest pass. The
     // machines this runs on share their cores with other tenants' work,
     // which slows a pass by up to half at times and makes the mean above
-    // swing between runs; the fastest of a sample's passes is what the
-    // code does on a core of its own. Both are reported (BENCHMARKS.md).
+    // swing between runs; the fastest of a sample's passes is nearer what
+    // the code does on a core of its own (the busiest runs move it a
+    // little too). Both are reported (BENCHMARKS.md).
     g.bench_function("detect_fastest_pass", |b| {
         b.iter_custom(|iters| {
             let mut fastest = Duration::MAX;
